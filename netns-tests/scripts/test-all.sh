@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Runs all checks and tests of the workspace: setup, fmt, clippy, tests (nextest if present),
+# doc tests. Must run as root: the cluster tests create network namespaces.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "test-all.sh: must be run as root (the tests create network namespaces); try: sudo $0" >&2
+    exit 1
+fi
+
+if [[ ! -t 1 ]]; then
+    export CARGO_TERM_COLOR=never
+fi
+
+step() {
+    echo
+    echo "==== $* ===="
+}
+
+step "setup (netns-tests/scripts/setup.sh)"
+bash netns-tests/scripts/setup.sh
+
+step "cargo fmt --all --check"
+cargo fmt --all --check
+
+step "cargo clippy --workspace --all-targets --locked -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run --workspace --locked --no-fail-fast"
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    step "cargo test --workspace --locked --no-fail-fast (cargo-nextest not installed)"
+    cargo test --workspace --locked --no-fail-fast
+fi
+
+step "cargo test --workspace --locked --doc"
+cargo test --workspace --locked --doc
+
+step "all tests passed"
