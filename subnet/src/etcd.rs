@@ -292,6 +292,11 @@ impl LeaseStore for EtcdStore {
         ttl: Ttl,
         expected_revision: i64,
     ) -> Result<UpdateOutcome, StoreError> {
+        // etcd reports mod revision 0 for a missing key, so comparing with 0
+        // would "update" (create) a key that is gone.
+        if expected_revision <= 0 {
+            return Ok(UpdateOutcome::Changed(None));
+        }
         let key = self.lease_key(&lease.key);
         let unchanged = Compare::mod_revision(key, CompareOp::Equal, expected_revision);
         Ok(match self.put_if(lease, ttl, unchanged).await? {
@@ -307,6 +312,9 @@ impl LeaseStore for EtcdStore {
     ) -> Result<bool, StoreError> {
         let full_key = self.lease_key(key);
         let mut client = self.client.clone();
+        if expected_revision.is_some_and(|revision| revision <= 0) {
+            return Ok(false);
+        }
         let Some(revision) = expected_revision else {
             let response = self
                 .call("delete", client.delete(full_key.as_str(), None))

@@ -376,8 +376,8 @@ impl<S: LeaseStore> LeaseManager<S> {
 
     /// Step 3: a random free subnet, retried on every lost race.
     async fn allocate(&mut self, mut taken: Vec<Ipv4Network>) -> Result<OwnLease, ManagerError> {
-        // Each lost race adds a subnet that was free in our view to `taken`,
-        // so this ends after at most one try per subnet in the range.
+        // Every lost race means another node took a lease, and leases are
+        // finite, so this ends (with a lease or with `Exhausted`).
         loop {
             let rng = &mut self.rng;
             let Some(subnet) = pick_subnet(&self.network, &taken, |n| rng.usize(..n)) else {
@@ -395,11 +395,22 @@ impl<S: LeaseStore> LeaseManager<S> {
                     return Ok(OwnLease::from_written(written, started));
                 }
                 CreateOutcome::Exists(_) => {
+                    // Whoever beat us probably was not alone: refresh the
+                    // whole view rather than probing taken subnets one by one.
                     debug!(%subnet, "lost the race for a subnet; trying another");
-                    taken.push(subnet);
+                    taken = self.taken_subnets().await?;
+                    if !taken.contains(&subnet) {
+                        // Deleted again already; never pick it twice in a row.
+                        taken.push(subnet);
+                    }
                 }
             }
         }
+    }
+
+    async fn taken_subnets(&self) -> Result<Vec<Ipv4Network>, ManagerError> {
+        let listing = self.store.list().await?;
+        Ok(listing.leases.iter().map(|s| s.lease.key.ipv4).collect())
     }
 
     fn exhausted(&self) -> ManagerError {

@@ -94,6 +94,13 @@ impl MemStore {
         state.write(segment.to_owned(), value.to_owned(), 0);
     }
 
+    /// Writes any text under any key segment with a fresh TTL lease.
+    pub fn put_raw_with_ttl(&self, segment: &str, value: &str, ttl: Duration) {
+        let mut state = self.lock();
+        let (id, _) = state.grant(Ttl::Expiring(ttl));
+        state.write(segment.to_owned(), value.to_owned(), id);
+    }
+
     /// Deletes a key segment regardless of its revision.
     pub fn delete_raw(&self, segment: &str) -> bool {
         self.lock().remove(segment)

@@ -93,10 +93,11 @@ pub enum WatchEvent {
     Delete(SubnetKey),
 }
 
-/// Changes that happened at one store revision.
+/// Changes delivered together: one revision, or several when a watch
+/// catches up on history (etcd sends those in one response).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchBatch {
-    /// The revision of these changes; a resumed watch starts after it.
+    /// The highest revision of these changes; a resumed watch starts after it.
     pub revision: i64,
     /// The decodable changes (undecodable ones are logged and skipped).
     pub events: Vec<WatchEvent>,
@@ -145,8 +146,8 @@ pub trait LeaseStore: Clone + Send + Sync + 'static {
         ttl: Ttl,
     ) -> impl Future<Output = Result<CreateOutcome, StoreError>> + Send;
 
-    /// Rewrites `lease` if and only if its key's mod revision is still
-    /// `expected_revision`, attaching a fresh TTL (or none for [`Ttl::Never`]).
+    /// Rewrites `lease` if and only if its key exists and its mod revision is
+    /// still `expected_revision` (which must be positive), attaching a fresh TTL (or none for [`Ttl::Never`]).
     /// The TTL lease the key had before is not touched: see [`Self::revoke`].
     fn update(
         &self,
@@ -156,7 +157,8 @@ pub trait LeaseStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<UpdateOutcome, StoreError>> + Send;
 
     /// Deletes the key, only if its mod revision is still `expected_revision`
-    /// when given. Returns whether a key was deleted.
+    /// when given (a non-positive one never matches). Returns whether a key
+    /// was deleted.
     fn delete(
         &self,
         key: &SubnetKey,
