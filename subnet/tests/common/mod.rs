@@ -5,6 +5,7 @@
 
 pub(crate) mod etcd_server;
 pub(crate) mod harness;
+pub(crate) mod nodes;
 pub(crate) mod proxy;
 
 /// Runs an async scenario `$name` (generic over the harness) once against the
