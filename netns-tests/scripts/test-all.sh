@@ -29,6 +29,11 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets --locked -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Doc tests first: nextest does not run them, and the test runner's summary
+# should be the last thing this script prints.
+step "cargo test --workspace --locked --doc"
+cargo test --workspace --locked --doc
+
 if cargo nextest --version >/dev/null 2>&1; then
     step "cargo nextest run --workspace --locked --no-fail-fast"
     cargo nextest run --workspace --locked --no-fail-fast
@@ -36,8 +41,5 @@ else
     step "cargo test --workspace --locked --no-fail-fast (cargo-nextest not installed)"
     cargo test --workspace --locked --no-fail-fast
 fi
-
-step "cargo test --workspace --locked --doc"
-cargo test --workspace --locked --doc
 
 step "all tests passed"

@@ -15,29 +15,13 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use common::harness::{DEFAULT_CONFIG, EtcdHarness, Harness, PREFIX};
+use common::nodes::attrs;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use subnet::NetworkConfig;
-use subnet::lease::{Lease, LeaseAttrs, MacAddr, SubnetKey, VxlanData};
+use subnet::lease::{Lease, SubnetKey};
 use subnet::manager::{LeaseManager, ManagerOptions};
 use subnet::store::LeaseStore;
 use subnet::watch::PeerSet;
-
-fn attrs(n: u32) -> LeaseAttrs {
-    let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 1)) + n);
-    let [_, a, b, c] = n.to_be_bytes();
-    let mac = MacAddr([0x02, 0, 0, a, b, c]);
-    LeaseAttrs {
-        backend_type: "vxlan".into(),
-        backend_data: Some(
-            VxlanData {
-                vni: 1,
-                vtep_mac: mac,
-            }
-            .encode(),
-        ),
-        ..LeaseAttrs::new(ip)
-    }
-}
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();

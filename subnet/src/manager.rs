@@ -356,22 +356,23 @@ impl<S: LeaseStore> LeaseManager<S> {
             info!(%subnet, "the subnet from subnet.env is leased to another node; choosing another");
             return Ok(None);
         }
+        let own = self.create(subnet).await?;
+        match &own {
+            Some(_) => info!(%subnet, "took the subnet named in subnet.env again"),
+            None => info!(%subnet, "the subnet from subnet.env was just taken by another node"),
+        }
+        Ok(own)
+    }
+
+    /// Creates a lease on `subnet` if nobody holds it; `None` if someone does.
+    async fn create(&self, subnet: Ipv4Network) -> Result<Option<OwnLease>, ManagerError> {
         let started = Instant::now();
         let lease = self.lease_for(SubnetKey::v4(subnet));
-        match self
-            .store
-            .create(&lease, Ttl::Expiring(self.options.ttl))
-            .await?
-        {
-            CreateOutcome::Created(written) => {
-                info!(%subnet, "took the subnet named in subnet.env again");
-                Ok(Some(OwnLease::from_written(written, started)))
-            }
-            CreateOutcome::Exists(_) => {
-                info!(%subnet, "the subnet from subnet.env was just taken by another node");
-                Ok(None)
-            }
-        }
+        let ttl = Ttl::Expiring(self.options.ttl);
+        Ok(match self.store.create(&lease, ttl).await? {
+            CreateOutcome::Created(written) => Some(OwnLease::from_written(written, started)),
+            CreateOutcome::Exists(_) => None,
+        })
     }
 
     /// Step 3: a random free subnet, retried on every lost race.
@@ -383,27 +384,17 @@ impl<S: LeaseStore> LeaseManager<S> {
             let Some(subnet) = pick_subnet(&self.network, &taken, |n| rng.usize(..n)) else {
                 return Err(self.exhausted());
             };
-            let started = Instant::now();
-            let lease = self.lease_for(SubnetKey::v4(subnet));
-            match self
-                .store
-                .create(&lease, Ttl::Expiring(self.options.ttl))
-                .await?
-            {
-                CreateOutcome::Created(written) => {
-                    info!(%subnet, "acquired a new subnet lease");
-                    return Ok(OwnLease::from_written(written, started));
-                }
-                CreateOutcome::Exists(_) => {
-                    // Whoever beat us probably was not alone: refresh the
-                    // whole view rather than probing taken subnets one by one.
-                    debug!(%subnet, "lost the race for a subnet; trying another");
-                    taken = self.taken_subnets().await?;
-                    if !taken.contains(&subnet) {
-                        // Deleted again already; never pick it twice in a row.
-                        taken.push(subnet);
-                    }
-                }
+            if let Some(own) = self.create(subnet).await? {
+                info!(%subnet, "acquired a new subnet lease");
+                return Ok(own);
+            }
+            // Whoever beat us probably was not alone: refresh the whole view
+            // rather than probing taken subnets one by one.
+            debug!(%subnet, "lost the race for a subnet; trying another");
+            taken = self.taken_subnets().await?;
+            if !taken.contains(&subnet) {
+                // Deleted again already; never pick it twice in a row.
+                taken.push(subnet);
             }
         }
     }
@@ -481,160 +472,181 @@ impl<S: LeaseStore> LeaseManager<S> {
     /// receiver of `events` is dropped. Store outages are waited out (with
     /// backoff); the lease is re-acquired if it is lost. Returns an error only
     /// when no lease can be held at all (the network is full, or the config
-    /// no longer allows ours). Nothing is deleted on shutdown.
+    /// no longer allows ours). Nothing is deleted on shutdown, so a restarted
+    /// node finds its lease again.
     pub async fn run(
-        mut self,
-        mut own: OwnLease,
+        self,
+        own: OwnLease,
         events: mpsc::Sender<ManagerEvent>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ManagerError> {
-        tokio::pin!(shutdown);
-        let mut peers = PeerSet::new(Some(own.stored.lease.key));
-        let mut backoff = Backoff::new(self.options.max_backoff);
-        let mut next_renewal = self.renewal_time(&own);
+        let keeper = Keeper {
+            backoff: Backoff::new(self.options.max_backoff),
+            next_renewal: self.renewal_time(&own),
+            peers: PeerSet::new(Some(own.stored.lease.key)),
+            manager: self,
+            own,
+            events,
+        };
+        // Stopping in the middle of any step is safe: the store is only ever
+        // changed by single transactions, and nothing is torn down.
+        tokio::select! {
+            () = shutdown => Ok(()),
+            result = keeper.keep() => result,
+        }
+    }
 
-        'resync: loop {
-            let listing = match self.store.list().await {
-                Ok(listing) => listing,
-                Err(error) => {
-                    let delay = backoff.next();
-                    warn!(%error, retry_in = ?delay, "cannot list leases; retrying");
-                    tokio::select! {
-                        () = &mut shutdown => return Ok(()),
-                        () = sleep(delay) => continue 'resync,
-                    }
-                }
-            };
+    fn renewal_time(&self, own: &OwnLease) -> Option<Instant> {
+        own.expires_at.map(|expires| {
+            expires
+                .checked_sub(self.options.renew_margin)
+                .unwrap_or(expires)
+        })
+    }
+}
 
-            let mine = listing
-                .leases
-                .iter()
-                .find(|s| s.lease.key == own.stored.lease.key);
-            match mine {
-                Some(stored) if stored.lease.attrs.public_ip == self.attrs.public_ip => {
-                    adopt(&mut own, stored);
-                }
-                _ => {
-                    let lost = own.stored.lease.clone();
-                    own = tokio::select! {
-                        () = &mut shutdown => return Ok(()),
-                        result = self.reacquire(lost, &events, &mut peers) => result?,
-                    };
-                    next_renewal = self.renewal_time(&own);
-                    continue 'resync;
-                }
+/// The state of a running manager.
+#[derive(Debug)]
+struct Keeper<S> {
+    manager: LeaseManager<S>,
+    own: OwnLease,
+    events: mpsc::Sender<ManagerEvent>,
+    /// The peers as last reported to the caller.
+    peers: PeerSet,
+    /// Delay before the next reconnection attempt.
+    backoff: Backoff,
+    /// When to renew next (`None` for a reservation).
+    next_renewal: Option<Instant>,
+}
+
+/// What the keeper does after handling one thing.
+enum Flow {
+    /// Carry on with the current watch.
+    Continue,
+    /// Take a fresh snapshot and watch again (after the backoff delay).
+    Resync,
+    /// Take a fresh snapshot at once (our lease was just re-acquired).
+    ResyncNow,
+    /// The caller is gone.
+    Stop,
+}
+
+impl<S: LeaseStore> Keeper<S> {
+    /// Snapshot, watch, renew; again after every watch loss.
+    async fn keep(mut self) -> Result<(), ManagerError> {
+        let mut flow = Flow::ResyncNow;
+        loop {
+            match flow {
+                Flow::Stop => return Ok(()),
+                Flow::Resync => sleep(self.backoff.next()).await,
+                Flow::ResyncNow | Flow::Continue => {}
             }
-            let snapshot = listing.leases.into_iter().map(|s| s.lease);
-            let changes = peers.resync(snapshot);
-            let all: Vec<Lease> = peers.peers().cloned().collect();
-            if events
-                .send(ManagerEvent::PeersResynced {
-                    peers: all,
-                    changes,
-                })
-                .await
-                .is_err()
-            {
-                return Ok(());
+            flow = self.watch_from_snapshot().await?;
+        }
+    }
+
+    /// Takes a snapshot, reports it, then follows the watch (and renews on
+    /// time) until something calls for a new snapshot.
+    async fn watch_from_snapshot(&mut self) -> Result<Flow, ManagerError> {
+        let store = self.manager.store.clone();
+        let listing = match store.list().await {
+            Ok(listing) => listing,
+            Err(error) => {
+                warn!(%error, "cannot list leases; retrying");
+                return Ok(Flow::Resync);
             }
-
-            let mut stream = match self.store.watch(listing.revision + 1).await {
-                Ok(stream) => stream,
-                Err(error) => {
-                    let delay = backoff.next();
-                    warn!(%error, retry_in = ?delay, "cannot watch leases; resyncing");
-                    tokio::select! {
-                        () = &mut shutdown => return Ok(()),
-                        () = sleep(delay) => continue 'resync,
+        };
+        let own_key = self.own.stored.lease.key;
+        match listing.leases.iter().find(|s| s.lease.key == own_key) {
+            Some(stored) if stored.lease.attrs.public_ip == self.manager.attrs.public_ip => {
+                adopt(&mut self.own, stored);
+            }
+            _ => return self.reacquire().await,
+        }
+        let changes = self
+            .peers
+            .resync(listing.leases.into_iter().map(|s| s.lease));
+        let peers = self.peers.peers().cloned().collect();
+        if !self
+            .send(ManagerEvent::PeersResynced { peers, changes })
+            .await
+        {
+            return Ok(Flow::Stop);
+        }
+        let mut stream = match store.watch(listing.revision + 1).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                warn!(%error, "cannot watch leases; resyncing");
+                return Ok(Flow::Resync);
+            }
+        };
+        loop {
+            let flow = tokio::select! {
+                () = wait_until(self.next_renewal) => self.renew().await?,
+                item = stream.next() => match item {
+                    Some(Ok(batch)) => self.on_batch(batch.events).await?,
+                    Some(Err(error)) => {
+                        warn!(%error, "lease watch failed; resyncing from a fresh snapshot");
+                        Flow::Resync
                     }
-                }
+                    None => {
+                        warn!("lease watch ended; resyncing from a fresh snapshot");
+                        Flow::Resync
+                    }
+                },
             };
-
-            loop {
-                tokio::select! {
-                    () = &mut shutdown => return Ok(()),
-                    () = wait_until(next_renewal) => {
-                        match self.renew(&own).await {
-                            Ok(RenewOutcome::Renewed(renewed)) => {
-                                own = renewed;
-                                next_renewal = self.renewal_time(&own);
-                                debug!(subnet = %own.subnet(), "renewed our lease");
-                                let ttl = self.options.ttl;
-                                let lease = own.stored.lease.clone();
-                                if events.send(ManagerEvent::LeaseRenewed { lease, ttl }).await.is_err() {
-                                    return Ok(());
-                                }
-                            }
-                            Ok(RenewOutcome::Lost { .. }) => {
-                                let lost = own.stored.lease.clone();
-                                own = tokio::select! {
-                                    () = &mut shutdown => return Ok(()),
-                                    result = self.reacquire(lost, &events, &mut peers) => result?,
-                                };
-                                next_renewal = self.renewal_time(&own);
-                                continue 'resync;
-                            }
-                            Err(error) => {
-                                let retry = self.options.renew_retry;
-                                warn!(%error, "Error renewing lease (trying again in {retry:?})");
-                                next_renewal = Some(Instant::now() + retry);
-                            }
-                        }
-                    }
-                    item = stream.next() => {
-                        let batch = match item {
-                            Some(Ok(batch)) => batch,
-                            Some(Err(error)) => {
-                                let delay = backoff.next();
-                                warn!(%error, retry_in = ?delay, "lease watch failed; resyncing from a fresh snapshot");
-                                tokio::select! {
-                                    () = &mut shutdown => return Ok(()),
-                                    () = sleep(delay) => continue 'resync,
-                                }
-                            }
-                            None => {
-                                let delay = backoff.next();
-                                warn!(retry_in = ?delay, "lease watch ended; resyncing from a fresh snapshot");
-                                tokio::select! {
-                                    () = &mut shutdown => return Ok(()),
-                                    () = sleep(delay) => continue 'resync,
-                                }
-                            }
-                        };
-                        backoff.reset();
-                        let (updates, own_lost) = self.split_own(&mut own, batch.events);
-                        let changes = peers.apply(updates);
-                        if !changes.is_empty()
-                            && events.send(ManagerEvent::PeersChanged(changes)).await.is_err()
-                        {
-                            return Ok(());
-                        }
-                        if own_lost {
-                            let lost = own.stored.lease.clone();
-                            own = tokio::select! {
-                                () = &mut shutdown => return Ok(()),
-                                result = self.reacquire(lost, &events, &mut peers) => result?,
-                            };
-                            next_renewal = self.renewal_time(&own);
-                            continue 'resync;
-                        }
-                    }
-                }
+            if !matches!(flow, Flow::Continue) {
+                return Ok(flow);
             }
         }
     }
 
+    async fn renew(&mut self) -> Result<Flow, ManagerError> {
+        match self.manager.renew(&self.own).await {
+            Ok(RenewOutcome::Renewed(renewed)) => {
+                self.own = renewed;
+                self.next_renewal = self.manager.renewal_time(&self.own);
+                debug!(subnet = %self.own.subnet(), "renewed our lease");
+                let lease = self.own.stored.lease.clone();
+                let ttl = self.manager.options.ttl;
+                Ok(self
+                    .continue_if_sent(ManagerEvent::LeaseRenewed { lease, ttl })
+                    .await)
+            }
+            Ok(RenewOutcome::Lost { .. }) => self.reacquire().await,
+            Err(error) => {
+                let retry = self.manager.options.renew_retry;
+                warn!(%error, "Error renewing lease (trying again in {retry:?})");
+                self.next_renewal = Some(Instant::now() + retry);
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    async fn on_batch(&mut self, events: Vec<WatchEvent>) -> Result<Flow, ManagerError> {
+        self.backoff.reset();
+        let (updates, own_lost) = self.split_own(events);
+        let changes = self.peers.apply(updates);
+        if !changes.is_empty() && !self.send(ManagerEvent::PeersChanged(changes)).await {
+            return Ok(Flow::Stop);
+        }
+        if own_lost {
+            return self.reacquire().await;
+        }
+        Ok(Flow::Continue)
+    }
+
     /// Separates events about our own key from peer updates. Returns whether
     /// our lease was deleted or taken over.
-    fn split_own(&self, own: &mut OwnLease, events: Vec<WatchEvent>) -> (Vec<PeerUpdate>, bool) {
-        let own_key = own.stored.lease.key;
+    fn split_own(&mut self, events: Vec<WatchEvent>) -> (Vec<PeerUpdate>, bool) {
+        let own_key = self.own.stored.lease.key;
         let mut updates = Vec::with_capacity(events.len());
         let mut lost = false;
         for event in events {
             match event {
                 WatchEvent::Put(stored) if stored.lease.key == own_key => {
-                    if stored.lease.attrs.public_ip == self.attrs.public_ip {
-                        adopt(own, &stored);
+                    if stored.lease.attrs.public_ip == self.manager.attrs.public_ip {
+                        adopt(&mut self.own, &stored);
                     } else {
                         lost = true;
                     }
@@ -649,19 +661,15 @@ impl<S: LeaseStore> LeaseManager<S> {
 
     /// Takes a lease again after ours was lost, preferring the same subnet.
     /// Waits out store outages; fails only if no lease can be had at all.
-    async fn reacquire(
-        &mut self,
-        lost: Lease,
-        events: &mpsc::Sender<ManagerEvent>,
-        peers: &mut PeerSet,
-    ) -> Result<OwnLease, ManagerError> {
+    async fn reacquire(&mut self) -> Result<Flow, ManagerError> {
+        let lost = self.own.stored.lease.clone();
         error!(
             subnet = %lost.key,
             "our subnet lease was deleted, expired or taken by another node; re-acquiring (flannel would exit here)"
         );
-        let mut backoff = Backoff::new(self.options.max_backoff);
-        let own = loop {
-            match self.acquire(Some(lost.key.ipv4)).await {
+        let mut backoff = Backoff::new(self.manager.options.max_backoff);
+        self.own = loop {
+            match self.manager.acquire(Some(lost.key.ipv4)).await {
                 Ok(own) => break own,
                 Err(error) if error.is_transient() => {
                     let delay = backoff.next();
@@ -674,32 +682,41 @@ impl<S: LeaseStore> LeaseManager<S> {
                 }
             }
         };
-        if own.stored.lease.key == lost.key {
+        self.next_renewal = self.manager.renewal_time(&self.own);
+        let current = self.own.stored.lease.clone();
+        if current.key == lost.key {
             warn!(subnet = %lost.key, "re-acquired the same subnet");
         } else {
             error!(
                 lost = %lost.key,
-                current = %own.stored.lease.key,
+                current = %current.key,
                 "re-acquired a DIFFERENT subnet: local containers must be re-addressed"
             );
         }
-        let changes = peers.set_own(Some(own.stored.lease.key));
-        if !changes.is_empty() {
-            let _ = events.send(ManagerEvent::PeersChanged(changes)).await;
+        let changes = self.peers.set_own(Some(current.key));
+        if !changes.is_empty() && !self.send(ManagerEvent::PeersChanged(changes)).await {
+            return Ok(Flow::Stop);
         }
-        let current = own.stored.lease.clone();
-        let _ = events
-            .send(ManagerEvent::LeaseReacquired { lost, current })
+        let flow = self
+            .continue_if_sent(ManagerEvent::LeaseReacquired { lost, current })
             .await;
-        Ok(own)
+        Ok(match flow {
+            Flow::Continue => Flow::ResyncNow,
+            other => other,
+        })
     }
 
-    fn renewal_time(&self, own: &OwnLease) -> Option<Instant> {
-        own.expires_at.map(|expires| {
-            expires
-                .checked_sub(self.options.renew_margin)
-                .unwrap_or(expires)
-        })
+    /// Sends an event; `false` when the receiver is gone.
+    async fn send(&self, event: ManagerEvent) -> bool {
+        self.events.send(event).await.is_ok()
+    }
+
+    async fn continue_if_sent(&self, event: ManagerEvent) -> Flow {
+        if self.send(event).await {
+            Flow::Continue
+        } else {
+            Flow::Stop
+        }
     }
 }
 
