@@ -140,7 +140,12 @@ pub async fn load_config<S: LeaseStore>(
         .ok_or_else(|| ManagerError::ConfigMissing {
             key: key_for_errors.to_owned(),
         })?;
-    Ok(NetworkConfig::parse(&text)?)
+    let config = NetworkConfig::parse(&text)?;
+    if config.backend.defaulted {
+        // flannel's code would silently pick the slow udp backend here.
+        warn!("the network config has no Backend; using vxlan (flannel would use udp)");
+    }
+    Ok(config)
 }
 
 /// The lease this node holds.
