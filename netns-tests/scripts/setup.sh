@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
     etcd-server etcd-client protobuf-compiler iproute2 iputils-ping iperf3 ethtool
-    nftables tcpdump containernetworking-plugins procps
+    nftables iptables tcpdump containernetworking-plugins procps
 )
 
 # "command-or-absolute-path:package" pairs checked for presence.
@@ -18,6 +18,7 @@ REQUIRED=(
     iperf3:iperf3
     ethtool:ethtool
     nft:nftables
+    iptables:iptables
     tcpdump:tcpdump
     /usr/lib/cni/bridge:containernetworking-plugins
     /usr/lib/cni/host-local:containernetworking-plugins

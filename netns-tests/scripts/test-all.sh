@@ -29,6 +29,10 @@ cargo fmt --all --check
 step "cargo clippy --workspace --all-targets --locked -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# The cluster tests run the real binaries from target/debug.
+step "cargo build --workspace --bins --locked"
+cargo build --workspace --bins --locked
+
 # Doc tests first: nextest does not run them, and the test runner's summary
 # should be the last thing this script prints.
 step "cargo test --workspace --locked --doc"

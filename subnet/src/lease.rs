@@ -251,7 +251,7 @@ impl Lease {
 }
 
 /// A MAC address as flannel publishes it (lower case, colon separated).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl fmt::Display for MacAddr {

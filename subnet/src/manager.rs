@@ -620,12 +620,23 @@ impl<S: LeaseStore> Keeper<S> {
             }
             Ok(RenewOutcome::Lost { .. }) => self.reacquire().await,
             Err(error) => {
-                let retry = self.manager.options.renew_retry;
+                let retry = self.retry_delay();
                 warn!(%error, "Error renewing lease (trying again in {retry:?})");
                 self.next_renewal = Some(Instant::now() + retry);
                 Ok(Flow::Continue)
             }
         }
+    }
+
+    /// How long to wait after a failed renewal: flannel's minute, but never
+    /// so long that the lease runs out before the next few tries.
+    fn retry_delay(&self) -> Duration {
+        let retry = self.manager.options.renew_retry;
+        let Some(expires) = self.own.expires_at else {
+            return retry;
+        };
+        let left = expires.saturating_duration_since(Instant::now());
+        retry.min(left / 4).max(Duration::from_millis(500))
     }
 
     async fn on_batch(&mut self, events: Vec<WatchEvent>) -> Result<Flow, ManagerError> {
