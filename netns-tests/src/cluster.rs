@@ -207,6 +207,13 @@ impl Cluster {
         Ok(node)
     }
 
+    /// Adds one more node without starting flanneld on it, whatever the
+    /// spec says (for nodes configured by hand, e.g. as a flannel (Go) node).
+    pub fn add_node_plain(&mut self) -> Result<&Node> {
+        let i = self.add_node_without_flanneld()?;
+        Ok(&self.nodes[i])
+    }
+
     /// Creates and plumbs node namespace number `nodes.len()`; returns its
     /// index.
     fn add_node_without_flanneld(&mut self) -> Result<usize> {
