@@ -103,17 +103,19 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
         needs_resync: false,
     };
     let rules = node.rule_sets(own.subnet());
-    let rules_ok = install_rules(&rules).await;
+    let rules_ok = firewall::ensure_all(&rules).await;
     let env_ok = node.write_subnet_file(own.subnet());
     node.ready.set(rules_ok && env_ok);
     if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         warn!(%error, "cannot notify systemd");
     }
     let firewall_task = (!rules.is_empty()).then(|| {
-        tokio::spawn(firewall::keep(
-            rules,
-            Duration::from_secs(flags.iptables_resync.max(1)),
-        ))
+        let ready = node.ready.clone();
+        let interval = Duration::from_secs(flags.iptables_resync.max(1));
+        // Ready once the rules are in place (and the subnet file was written).
+        tokio::spawn(firewall::keep(rules, interval, move |ok| {
+            ready.set(ok && env_ok);
+        }))
     });
 
     let result = node.serve(manager, own, &netlink, stop.clone()).await;
@@ -295,17 +297,6 @@ fn log_change(change: &LeaseEvent) {
         }
         LeaseEvent::Removed(l) => info!(subnet = %l.key, "peer removed"),
     }
-}
-
-async fn install_rules(sets: &[RuleSet]) -> bool {
-    let mut ok = true;
-    for set in sets {
-        if let Err(error) = set.ensure().await {
-            warn!(chain = set.chain, %error, "cannot install iptables rules; retrying at the next check");
-            ok = false;
-        }
-    }
-    ok
 }
 
 /// A watch channel that turns true on SIGTERM or SIGINT.

@@ -186,16 +186,25 @@ impl RuleSet {
     }
 }
 
-/// Installs `sets` now, then keeps them in place every `interval`, forever.
-pub(crate) async fn keep(sets: Vec<RuleSet>, interval: Duration) {
+/// Checks `sets` every `interval`, forever, restoring what is missing;
+/// `on_check` learns after each round whether every set is in place.
+pub(crate) async fn keep(sets: Vec<RuleSet>, interval: Duration, on_check: impl Fn(bool)) {
     loop {
         tokio::time::sleep(interval).await;
-        for set in &sets {
-            if let Err(error) = set.ensure().await {
-                warn!(chain = set.chain, %error, "cannot restore iptables rules; retrying at the next check");
-            }
+        on_check(ensure_all(&sets).await);
+    }
+}
+
+/// Ensures every set; `true` if all are in place afterwards.
+pub(crate) async fn ensure_all(sets: &[RuleSet]) -> bool {
+    let mut ok = true;
+    for set in sets {
+        if let Err(error) = set.ensure().await {
+            warn!(chain = set.chain, %error, "cannot install iptables rules; retrying at the next check");
+            ok = false;
         }
     }
+    ok
 }
 
 #[cfg(test)]

@@ -385,3 +385,79 @@ fn flannel_go_lease_is_honoured() {
     wait_reachable(&cluster, &ours, &theirs);
     wait_reachable(&cluster, &theirs, &ours);
 }
+
+/// `--ip-masq` installs flannel's masquerade and forward rules in the node,
+/// and a rule deleted or duplicated by someone else is repaired.
+#[test]
+fn iptables_rules_are_installed_and_repaired() {
+    let cluster = cluster_with(ClusterSpec {
+        nodes: 1,
+        flanneld_args: vec!["--ip-masq".into(), "--iptables-resync=1".into()],
+        ..ClusterSpec::default()
+    });
+    let node = cluster.node(0);
+    let env = node.wait_subnet_env(Duration::from_secs(10)).unwrap();
+    assert_eq!(env.ipmasq, Some(true));
+    let subnet = env.subnet_network().unwrap().to_string();
+    let rules = |table: &str, chain: &str| {
+        node.exec_ok(["iptables", "-t", table, "-S", chain])
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("-A"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "masquerade rules",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || rules("nat", "FLANNEL-POSTRTG").len() == 6,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log_tail(40)));
+    let masq = rules("nat", "FLANNEL-POSTRTG").join("\n");
+    assert!(
+        masq.contains(&format!("-s {subnet} -d 10.244.0.0/16")),
+        "{masq}"
+    );
+    assert!(masq.contains("MASQUERADE --random-fully"), "{masq}");
+    assert_eq!(rules("filter", "FLANNEL-FWD").len(), 2);
+    assert!(
+        rules("nat", "POSTROUTING")
+            .iter()
+            .any(|r| r.contains("FLANNEL-POSTRTG"))
+    );
+    assert!(
+        rules("filter", "FORWARD")
+            .iter()
+            .any(|r| r.contains("FLANNEL-FWD"))
+    );
+
+    // Someone deletes one rule and duplicates another: both are repaired.
+    node.exec_ok(["iptables", "-t", "filter", "-D", "FLANNEL-FWD", "1"])
+        .unwrap();
+    node.exec_ok([
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "FLANNEL-POSTRTG",
+        "-m",
+        "mark",
+        "--mark",
+        "0x4000/0x4000",
+        "-m",
+        "comment",
+        "--comment",
+        "flanneld masq",
+        "-j",
+        "RETURN",
+    ])
+    .unwrap();
+    wait_for(
+        "repaired rules",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || rules("filter", "FLANNEL-FWD").len() == 2 && rules("nat", "FLANNEL-POSTRTG").len() == 6,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log_tail(40)));
+}
