@@ -461,3 +461,138 @@ fn iptables_rules_are_installed_and_repaired() {
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", node.log_tail(40)));
 }
+
+/// A node that comes back with a new VTEP MAC (its device was recreated
+/// while flanneld was down) leaves no stale FDB entry or neighbour on peers.
+#[test]
+fn changed_vtep_mac_leaves_nothing_stale() {
+    let cluster = cluster(2);
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    wait_reachable(&cluster, &a, &b);
+    let mac = |node: &Node| {
+        node.exec_ok(["cat", "/sys/class/net/flannel.1/address"])
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let old_mac = mac(cluster.node(1));
+    assert_eq!(
+        cluster.node(1).stop_flanneld().and_then(|s| s.code()),
+        Some(0)
+    );
+    cluster
+        .node(1)
+        .exec_ok(["ip", "link", "del", "flannel.1"])
+        .unwrap();
+    cluster.node(1).restart_flanneld().unwrap();
+    wait_for(
+        "a new device on node 1",
+        Duration::from_secs(10),
+        POLL,
+        || {
+            cluster
+                .node(1)
+                .exec_ok(["cat", "/sys/class/net/flannel.1/address"])
+                .is_ok_and(|m| m.trim() != old_mac)
+        },
+    )
+    .unwrap();
+    let new_mac = mac(cluster.node(1));
+    let fdb = |node: &Node| {
+        node.exec_ok(["bridge", "fdb", "show", "dev", "flannel.1"])
+            .unwrap()
+    };
+    wait_for(
+        "node 0 to learn the new MAC",
+        Duration::from_secs(10),
+        POLL,
+        || fdb(cluster.node(0)).contains(&new_mac),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let fdb0 = fdb(cluster.node(0));
+    assert!(!fdb0.contains(&old_mac), "stale FDB entry left: {fdb0}");
+    let neigh0 = cluster
+        .node(0)
+        .exec_ok(["ip", "neigh", "show", "dev", "flannel.1"])
+        .unwrap();
+    assert!(
+        !neigh0.contains(&old_mac) && neigh0.contains(&new_mac),
+        "{neigh0}"
+    );
+    wait_reachable(&cluster, &a, &b);
+}
+
+/// A peer removed while a node's flanneld was down is removed from that
+/// node's kernel when it starts again (full resync at start).
+#[test]
+fn restart_removes_peers_that_left_meanwhile() {
+    let cluster = cluster(3);
+    let gone = subnet_of(cluster.node(2));
+    wait_for(
+        "route to node 2 on node 0",
+        Duration::from_secs(10),
+        POLL,
+        || has_route(cluster.node(0), &gone),
+    )
+    .unwrap();
+    assert_eq!(
+        cluster.node(0).stop_flanneld().and_then(|s| s.code()),
+        Some(0)
+    );
+    assert_eq!(
+        cluster.node(2).stop_flanneld().and_then(|s| s.code()),
+        Some(0)
+    );
+    let key = format!("/coreos.com/network/subnets/{}", gone.replace('/', "-"));
+    cluster.etcd().etcdctl_ok(["del", key.as_str()]).unwrap();
+    assert!(
+        has_route(cluster.node(0), &gone),
+        "nothing removes it while flanneld is down"
+    );
+
+    cluster.node(0).restart_flanneld().unwrap();
+    wait_for(
+        "the stale route removed on node 0",
+        Duration::from_secs(10),
+        POLL,
+        || !has_route(cluster.node(0), &gone),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let neigh = cluster
+        .node(0)
+        .exec_ok(["ip", "neigh", "show", "dev", "flannel.1"])
+        .unwrap();
+    assert!(!neigh.contains(gone.trim_end_matches("/24")), "{neigh}");
+    // The remaining peer is untouched.
+    let kept = subnet_of(cluster.node(1));
+    assert!(has_route(cluster.node(0), &kept));
+}
+
+/// With `DirectRouting`, peers on the same L2 segment are routed over the
+/// underlay without the tunnel, and still reachable.
+#[test]
+fn direct_routing_skips_the_tunnel_on_one_segment() {
+    let cluster = cluster_with(ClusterSpec {
+        nodes: 2,
+        config: r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","DirectRouting":true}}"#
+            .into(),
+        ..ClusterSpec::default()
+    });
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    let peer_subnet = subnet_of(cluster.node(1));
+    let peer_ip = cluster.node(1).underlay_ip().to_string();
+    wait_for("a direct route", Duration::from_secs(10), POLL, || {
+        routes(cluster.node(0))
+            .lines()
+            .any(|l| l.starts_with(&peer_subnet) && l.contains(&format!("via {peer_ip} dev eth0")))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let fdb = cluster
+        .node(0)
+        .exec_ok(["bridge", "fdb", "show", "dev", "flannel.1"])
+        .unwrap();
+    assert!(!fdb.contains("dst"), "no tunnel entries: {fdb}");
+    wait_reachable(&cluster, &a, &b);
+}
