@@ -17,7 +17,7 @@ use backends::vxlan::options::VxlanOptions;
 use ipnetwork::Ipv4Network;
 use subnet::BackendKind;
 use subnet::config::NetworkConfig;
-use subnet::etcd::{EtcdOptions, EtcdStore};
+use subnet::etcd::{EtcdOptions, EtcdStore, EtcdTls};
 use subnet::lease::{Lease, SubnetKey};
 use subnet::manager::{LeaseManager, ManagerEvent, ManagerOptions, OwnLease, load_config};
 use subnet::subnet_env::{SubnetEnv, write_atomic};
@@ -335,6 +335,7 @@ async fn connect_store(flags: &Flags) -> anyhow::Result<EtcdStore> {
         prefix: flags.etcd_prefix.clone(),
         credentials,
         request_timeout: None,
+        tls: etcd_tls(flags)?,
     };
     let mut delay = Duration::from_secs(1);
     loop {
@@ -347,6 +348,31 @@ async fn connect_store(flags: &Flags) -> anyhow::Result<EtcdStore> {
             }
         }
     }
+}
+
+/// Reads the TLS files named by the flags (as flannel: TLS only with both a
+/// client certificate and key; a CA file alone is ignored, with a warning).
+fn etcd_tls(flags: &Flags) -> anyhow::Result<Option<EtcdTls>> {
+    let read = |flag: &str, path: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read --{flag} {path}"))
+    };
+    if !flags.uses_tls() {
+        if !flags.etcd_cafile.is_empty() {
+            warn!(
+                "connecting to etcd with http. This is insecure (--etcd-cafile alone does not enable TLS)"
+            );
+        }
+        return Ok(None);
+    }
+    Ok(Some(EtcdTls {
+        cert_pem: read("etcd-certfile", &flags.etcd_certfile)?,
+        key_pem: read("etcd-keyfile", &flags.etcd_keyfile)?,
+        ca_pem: if flags.etcd_cafile.is_empty() {
+            None
+        } else {
+            Some(read("etcd-cafile", &flags.etcd_cafile)?)
+        },
+    }))
 }
 
 /// Fetches and validates the network config, retrying until it works (the

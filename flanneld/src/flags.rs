@@ -274,11 +274,23 @@ fn validate(flags: &Flags) -> Result<(), FlagError> {
             return Err(invalid("iface-regex", pattern.clone(), &error.to_string()));
         }
     }
-    if !flags.etcd_keyfile.is_empty() || !flags.etcd_certfile.is_empty() {
+    if flags.etcd_keyfile.is_empty() != flags.etcd_certfile.is_empty() {
         return Err(invalid(
             "etcd-certfile",
             flags.etcd_certfile.clone(),
-            "TLS to etcd is not supported by this build yet",
+            "--etcd-certfile and --etcd-keyfile go together",
+        ));
+    }
+    if flags.uses_tls()
+        && let Some(plain) = flags
+            .etcd_endpoints
+            .iter()
+            .find(|e| e.starts_with("http://"))
+    {
+        return Err(invalid(
+            "etcd-endpoints",
+            plain.clone(),
+            "with --etcd-certfile every endpoint must be an https:// URL",
         ));
     }
     if flags.etcd_username.is_empty() != flags.etcd_password.is_empty() {
@@ -300,6 +312,12 @@ impl Flags {
     /// The lease TTL.
     pub(crate) fn lease_ttl(&self) -> Duration {
         Duration::from_secs(self.subnet_lease_ttl)
+    }
+
+    /// Whether etcd is reached over TLS: both a client certificate and key
+    /// are given (as with flannel; a CA file alone does not turn TLS on).
+    pub(crate) fn uses_tls(&self) -> bool {
+        !self.etcd_certfile.is_empty() && !self.etcd_keyfile.is_empty()
     }
 
     /// `--public-ip`, if given.
@@ -370,6 +388,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(endpoint.contains("198.18.0.2:2379"));
+        let tls = run(&["--etcd-certfile=/c.pem"]).unwrap_err().to_string();
+        assert!(tls.contains("--etcd-keyfile"), "{tls}");
+        let plain = run(&[
+            "--etcd-certfile=/c.pem",
+            "--etcd-keyfile=/k.pem",
+            "--etcd-endpoints=http://198.18.0.2:2379",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(plain.contains("https://"), "{plain}");
         let regex = run(&["--iface-regex=("]).unwrap_err().to_string();
         assert!(regex.contains("iface-regex"));
         let port = run(&["--healthz-port=99999"]).unwrap_err().to_string();

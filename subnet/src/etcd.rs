@@ -14,8 +14,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
 use tracing::warn;
@@ -29,6 +29,27 @@ use crate::store::{
 /// flannel's default key prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 
+/// Client TLS for etcd, as PEM bytes (flannel's `--etcd-certfile`,
+/// `--etcd-keyfile` and optional `--etcd-cafile`).
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The client certificate chain.
+    pub cert_pem: Vec<u8>,
+    /// The client private key.
+    pub key_pem: Vec<u8>,
+    /// CA certificates to trust; `None`: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    // Hand-written so that a private key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("custom_ca", &self.ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 /// How to reach etcd.
 #[derive(Clone, Default)]
 pub struct EtcdOptions {
@@ -40,6 +61,8 @@ pub struct EtcdOptions {
     pub credentials: Option<(String, String)>,
     /// Time limit of each unary request (default 5 s).
     pub request_timeout: Option<Duration>,
+    /// Client TLS; the endpoints must then be `https://` URLs.
+    pub tls: Option<EtcdTls>,
 }
 
 impl std::fmt::Debug for EtcdOptions {
@@ -50,6 +73,7 @@ impl std::fmt::Debug for EtcdOptions {
             .field("prefix", &self.prefix)
             .field("user", &self.credentials.as_ref().map(|(user, _)| user))
             .field("request_timeout", &self.request_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -86,6 +110,15 @@ impl EtcdStore {
             .with_require_leader(true);
         if let Some((user, password)) = &options.credentials {
             connect = connect.with_user(user, password);
+        }
+        if let Some(tls) = &options.tls {
+            let mut config =
+                TlsOptions::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            config = match &tls.ca_pem {
+                Some(ca) => config.ca_certificate(Certificate::from_pem(ca)),
+                None => config.with_native_roots(),
+            };
+            connect = connect.with_tls(config);
         }
         let client = Client::connect(&options.endpoints, Some(connect))
             .await

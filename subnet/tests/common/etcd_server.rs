@@ -64,6 +64,9 @@ pub(crate) struct EtcdServer {
     peer_port: u16,
     /// Caller-supplied extra flags, passed again on every restart.
     extra_args: Vec<String>,
+    /// With TLS: the directory holding `ca.pem`, `server.pem` and
+    /// `server-key.pem`, and the plain-HTTP metrics port used to probe health.
+    tls: Option<(PathBuf, u16)>,
 }
 
 /// Why one attempt to bring etcd up failed.
@@ -91,6 +94,17 @@ impl EtcdServer {
     /// # Panics
     /// If the `etcd` binary is missing or the server does not come up.
     pub(crate) fn start_with_args(extra: &[&str]) -> Self {
+        Self::start_inner(extra, None)
+    }
+
+    /// Starts etcd serving clients over TLS only, requiring client
+    /// certificates signed by `certs/ca.pem` (server certificate
+    /// `certs/server.pem`, key `certs/server-key.pem`).
+    pub(crate) fn start_tls(certs: &Path) -> Self {
+        Self::start_inner(&[], Some(certs.to_owned()))
+    }
+
+    fn start_inner(extra: &[&str], tls: Option<PathBuf>) -> Self {
         let root = tempfile::Builder::new()
             .prefix("subnet-etcd-test-")
             .tempdir()
@@ -111,6 +125,7 @@ impl EtcdServer {
             client_port: 0,
             peer_port: 0,
             extra_args: extra.iter().map(|s| (*s).to_owned()).collect(),
+            tls: None,
         };
 
         let mut clashes = Vec::new();
@@ -118,6 +133,9 @@ impl EtcdServer {
             let (client_port, peer_port) = free_port_pair();
             server.client_port = client_port;
             server.peer_port = peer_port;
+            if let Some(dir) = &tls {
+                server.tls = Some((dir.clone(), free_port_pair().0));
+            }
             match server.spawn_and_wait() {
                 Ok(()) => return server,
                 Err(StartError::AddressInUse(msg)) => {
@@ -140,7 +158,8 @@ impl EtcdServer {
 
     /// The client URL, `http://127.0.0.1:<port>`.
     pub(crate) fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     /// The client address, `127.0.0.1:<port>`.
@@ -287,6 +306,7 @@ impl EtcdServer {
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
             .args(&self.extra_args)
+            .args(self.tls_args())
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
@@ -367,9 +387,30 @@ impl EtcdServer {
         }
     }
 
+    /// etcd's TLS flags, if serving over TLS.
+    fn tls_args(&self) -> Vec<String> {
+        let Some((dir, metrics_port)) = &self.tls else {
+            return Vec::new();
+        };
+        let file = |name: &str| dir.join(name).display().to_string();
+        vec![
+            format!("--cert-file={}", file("server.pem")),
+            format!("--key-file={}", file("server-key.pem")),
+            format!("--trusted-ca-file={}", file("ca.pem")),
+            "--client-cert-auth".to_owned(),
+            format!("--listen-metrics-urls=http://127.0.0.1:{metrics_port}"),
+        ]
+    }
+
     /// One readiness probe: `/health` says `"health":"true"` and the member list (v3 gateway)
     /// names our member, so another etcd that grabbed the port is not mistaken for ours.
+    /// Over TLS only the plain metrics listener's `/health` is probed.
     fn probe_ready(&self) -> bool {
+        if let Some((_, metrics_port)) = &self.tls {
+            let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, *metrics_port));
+            return http_request(metrics, "GET", "/health", "")
+                .is_some_and(|body| body.contains("\"health\":\"true\""));
+        }
         let addr = self.client_addr();
         let healthy = http_request(addr, "GET", "/health", "")
             .is_some_and(|body| body.contains("\"health\":\"true\""));

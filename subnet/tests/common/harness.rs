@@ -151,6 +151,7 @@ pub(crate) async fn connect(endpoint: &str) -> EtcdStore {
         prefix: PREFIX.to_owned(),
         credentials: None,
         request_timeout: Some(Duration::from_secs(5)),
+        tls: None,
     })
     .await
     .expect("connect to etcd")
