@@ -66,8 +66,11 @@ pub trait Backend: Send {
     /// kernel operations were applied.
     fn resync(
         &mut self,
-        peers: &[Lease],
+        peers: Vec<Lease>,
     ) -> impl Future<Output = Result<usize, BackendError>> + Send;
+
+    /// Resyncs the kernel with the peers last given (after a failed update).
+    fn replay(&mut self) -> impl Future<Output = Result<usize, BackendError>> + Send;
 
     /// Applies peer changes. Returns how many kernel operations were applied.
     fn apply(

@@ -4,21 +4,19 @@
 //! Nothing is torn down on exit: the device, routes, neighbours, FDB
 //! entries, iptables rules and the lease all stay, so a restart is hitless.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use backends::Backend;
 use backends::vxlan::backend::VxlanBackend;
 use backends::vxlan::netlink::Netlink;
 use backends::vxlan::options::VxlanOptions;
+use backends::{Backend, BackendError};
 use ipnetwork::Ipv4Network;
 use subnet::BackendKind;
 use subnet::config::NetworkConfig;
 use subnet::etcd::{EtcdOptions, EtcdStore, EtcdTls};
-use subnet::lease::{Lease, SubnetKey};
 use subnet::manager::{LeaseManager, ManagerEvent, ManagerOptions, OwnLease, load_config};
 use subnet::subnet_env::{SubnetEnv, write_atomic};
 use subnet::watch::LeaseEvent;
@@ -98,7 +96,6 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
         flags: &flags,
         network: ipv4.network,
         backend,
-        peers: BTreeMap::new(),
         ready,
         needs_resync: false,
     };
@@ -133,7 +130,6 @@ struct Node<'a> {
     flags: &'a Flags,
     network: Ipv4Network,
     backend: VxlanBackend,
-    peers: BTreeMap<SubnetKey, Lease>,
     ready: Readiness,
     /// A kernel update failed: redo everything at the next device check.
     needs_resync: bool,
@@ -220,26 +216,17 @@ impl Node<'_> {
     async fn on_event(&mut self, event: ManagerEvent) {
         match event {
             ManagerEvent::PeersResynced { peers, changes } => {
-                self.peers = peers.iter().map(|l| (l.key, l.clone())).collect();
                 info!(
                     peers = peers.len(),
                     changes = changes.len(),
                     "peer snapshot"
                 );
-                self.resync().await;
+                drop(changes);
+                let result = self.backend.resync(peers).await;
+                self.after_resync(result);
             }
             ManagerEvent::PeersChanged(changes) => {
-                for change in &changes {
-                    log_change(change);
-                    match change {
-                        LeaseEvent::Added(l) | LeaseEvent::Changed { new: l, .. } => {
-                            self.peers.insert(l.key, l.clone());
-                        }
-                        LeaseEvent::Removed(l) => {
-                            self.peers.remove(&l.key);
-                        }
-                    }
-                }
+                changes.iter().for_each(log_change);
                 if let Err(error) = self.backend.apply(&changes).await {
                     warn!(%error, "peer update incomplete; resyncing");
                     self.needs_resync = true;
@@ -261,9 +248,8 @@ impl Node<'_> {
         }
     }
 
-    async fn resync(&mut self) {
-        let peers: Vec<Lease> = self.peers.values().cloned().collect();
-        match self.backend.resync(&peers).await {
+    fn after_resync(&mut self, result: Result<usize, BackendError>) {
+        match result {
             Ok(applied) => {
                 self.needs_resync = false;
                 if applied > 0 {
@@ -280,7 +266,10 @@ impl Node<'_> {
     async fn check_device(&mut self) {
         match self.backend.recover().await {
             Ok(true) => info!("VXLAN device recreated and every peer replayed"),
-            Ok(false) if self.needs_resync => self.resync().await,
+            Ok(false) if self.needs_resync => {
+                let result = self.backend.replay().await;
+                self.after_resync(result);
+            }
             Ok(false) => {}
             Err(error) => warn!(%error, "cannot recreate the VXLAN device yet"),
         }

@@ -33,8 +33,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(flags.verbosity);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: flanneld is a control plane (the kernel moves the packets),
+    // and every extra thread costs stack and a malloc arena.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -88,5 +88,5 @@ else
     log "no system etcd is running"
 fi
 
-log "etcd: $(etcd --version 2>/dev/null | head -n1 || echo '?')"
+log "etcd: $( (etcd --version 2>/dev/null || true) | head -n1)"
 log "done"

@@ -3,13 +3,9 @@
 # doc tests. Must run as root: the cluster tests create network namespaces.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$ROOT"
-
-if [[ $(id -u) -ne 0 ]]; then
-    echo "test-all.sh: must be run as root (the tests create network namespaces); try: sudo $0" >&2
-    exit 1
-fi
+SCRIPT_NAME=test-all.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_root
 
 if [[ ! -t 1 ]]; then
     export CARGO_TERM_COLOR=never
@@ -22,6 +18,7 @@ step() {
 
 step "setup (netns-tests/scripts/setup.sh)"
 bash netns-tests/scripts/setup.sh
+find_cargo
 
 step "cargo fmt --all --check"
 cargo fmt --all --check

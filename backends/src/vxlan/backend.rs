@@ -104,7 +104,11 @@ impl VxlanBackend {
         }
         let started = Instant::now();
         let ApplyReport { applied, failed } = self.netlink.apply(self.device.index, ops).await;
-        debug!(ops = ops.len(), applied, elapsed = ?started.elapsed(), "programmed peers");
+        if ops.len() >= 100 {
+            info!(ops = ops.len(), applied, elapsed = ?started.elapsed(), "programmed peers");
+        } else {
+            debug!(ops = ops.len(), applied, elapsed = ?started.elapsed(), "programmed peers");
+        }
         if failed.is_empty() {
             return Ok(applied);
         }
@@ -179,10 +183,14 @@ impl Backend for VxlanBackend {
         Ok(())
     }
 
-    async fn resync(&mut self, peers: &[Lease]) -> Result<usize, BackendError> {
-        self.peers = peers.iter().map(|l| (l.key, l.clone())).collect();
+    async fn resync(&mut self, peers: Vec<Lease>) -> Result<usize, BackendError> {
+        self.peers = peers.into_iter().map(|l| (l.key, l)).collect();
+        self.replay().await
+    }
+
+    async fn replay(&mut self) -> Result<usize, BackendError> {
         let current = self.kernel_state().await?;
-        let (ops, skipped) = plan::plan_resync(peers, &current, &self.ctx);
+        let (ops, skipped) = plan::plan_resync(self.peers.values(), &current, &self.ctx);
         Self::log_skipped(&skipped);
         let removed = ops
             .iter()
@@ -241,8 +249,7 @@ impl Backend for VxlanBackend {
             };
             self.activate(&own_lease).await?;
         }
-        let peers: Vec<Lease> = self.peers.values().cloned().collect();
-        self.resync(&peers).await?;
+        self.replay().await?;
         Ok(true)
     }
 

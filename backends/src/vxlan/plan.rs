@@ -148,7 +148,10 @@ fn peer(lease: &Lease) -> Result<Peer, Skipped> {
 }
 
 /// The kernel state wanted for `peers`, and the leases that cannot be programmed.
-pub fn desired(peers: &[Lease], ctx: &PlanContext) -> (KernelState, Vec<Skipped>) {
+pub fn desired<'a>(
+    peers: impl IntoIterator<Item = &'a Lease>,
+    ctx: &PlanContext,
+) -> (KernelState, Vec<Skipped>) {
     let mut state = KernelState::default();
     let mut skipped = Vec::new();
     for lease in peers {
@@ -269,8 +272,8 @@ fn state_of(lease: Option<&Lease>, ctx: &PlanContext) -> Result<KernelState, Ski
 
 /// The operations that make the kernel match `peers` exactly: missing
 /// entries added, entries of peers that no longer exist removed.
-pub fn plan_resync(
-    peers: &[Lease],
+pub fn plan_resync<'a>(
+    peers: impl IntoIterator<Item = &'a Lease>,
     current: &KernelState,
     ctx: &PlanContext,
 ) -> (Vec<NetOp>, Vec<Skipped>) {
