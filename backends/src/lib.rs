@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::Ipv4Addr;
 
 use subnet::lease::Lease;
-use subnet::watch::LeaseEvent;
+use subnet::watch::{LeaseEvent, SharedLease};
 
 pub mod vxlan;
 
@@ -66,7 +66,7 @@ pub trait Backend: Send {
     /// kernel operations were applied.
     fn resync(
         &mut self,
-        peers: Vec<Lease>,
+        peers: Vec<SharedLease>,
     ) -> impl Future<Output = Result<usize, BackendError>> + Send;
 
     /// Resyncs the kernel with the peers last given (after a failed update).

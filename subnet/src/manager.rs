@@ -29,7 +29,7 @@ use crate::lease::{Lease, LeaseAttrs, SubnetKey};
 use crate::store::{
     CreateOutcome, LeaseStore, StoreError, StoredLease, Ttl, UpdateOutcome, WatchEvent, Written,
 };
-use crate::watch::{LeaseEvent, PeerSet, PeerUpdate};
+use crate::watch::{LeaseEvent, PeerSet, PeerUpdate, SharedLease};
 
 /// flannel's fixed lease lifetime.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
@@ -184,7 +184,7 @@ pub enum ManagerEvent {
     /// known set. A backend reconciles its whole state against `peers`.
     PeersResynced {
         /// Every peer lease (ours excluded).
-        peers: Vec<Lease>,
+        peers: Vec<SharedLease>,
         /// The difference from the previously known set.
         changes: Vec<LeaseEvent>,
     },

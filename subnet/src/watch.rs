@@ -8,8 +8,13 @@
 //! node's own subnet is never a peer.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::lease::{Lease, SubnetKey};
+
+/// A lease shared between the peer set, the events about it and the backend
+/// (one allocation per peer however many hold it; thousands of peers add up).
+pub type SharedLease = Arc<Lease>;
 
 /// One change to a single lease, as read from the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,17 +29,17 @@ pub enum PeerUpdate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseEvent {
     /// A new peer: program a route to it.
-    Added(Lease),
+    Added(SharedLease),
     /// A known peer published different attributes (public IP, VTEP MAC, ...):
     /// remove what `old` needed and program `new`.
     Changed {
         /// The attributes that were programmed.
-        old: Lease,
+        old: SharedLease,
         /// The attributes to program now.
-        new: Lease,
+        new: SharedLease,
     },
     /// A peer is gone: remove what it needed (the last known lease says what).
-    Removed(Lease),
+    Removed(SharedLease),
 }
 
 impl LeaseEvent {
@@ -51,7 +56,7 @@ impl LeaseEvent {
 #[derive(Debug, Clone, Default)]
 pub struct PeerSet {
     own: Option<SubnetKey>,
-    known: HashMap<SubnetKey, Lease>,
+    known: HashMap<SubnetKey, SharedLease>,
 }
 
 impl PeerSet {
@@ -108,14 +113,14 @@ impl PeerSet {
             }
             events.extend(self.put(lease));
         }
-        let mut removed: Vec<Lease> = previous.into_values().collect();
+        let mut removed: Vec<SharedLease> = previous.into_values().collect();
         removed.sort_by_key(|lease| lease.key);
         events.extend(removed.into_iter().map(LeaseEvent::Removed));
         events
     }
 
     /// The known peers, in no particular order.
-    pub fn peers(&self) -> impl Iterator<Item = &Lease> {
+    pub fn peers(&self) -> impl Iterator<Item = &SharedLease> {
         self.known.values()
     }
 
@@ -130,10 +135,20 @@ impl PeerSet {
     }
 
     fn put(&mut self, lease: Lease) -> Option<LeaseEvent> {
-        match self.known.insert(lease.key, lease.clone()) {
-            None => Some(LeaseEvent::Added(lease)),
+        match self.known.get(&lease.key) {
+            // A renewal: nothing changed, keep what we have.
             Some(old) if old.attrs == lease.attrs => None,
-            Some(old) => Some(LeaseEvent::Changed { old, new: lease }),
+            Some(old) => {
+                let old = Arc::clone(old);
+                let new = Arc::new(lease);
+                self.known.insert(new.key, Arc::clone(&new));
+                Some(LeaseEvent::Changed { old, new })
+            }
+            None => {
+                let new = Arc::new(lease);
+                self.known.insert(new.key, Arc::clone(&new));
+                Some(LeaseEvent::Added(new))
+            }
         }
     }
 }
@@ -157,19 +172,19 @@ mod tests {
         let mut set = PeerSet::new(None);
         assert_eq!(
             set.apply([PeerUpdate::Put(lease(1, 1))]),
-            vec![LeaseEvent::Added(lease(1, 1))]
+            vec![LeaseEvent::Added(lease(1, 1).into())]
         );
         assert_eq!(set.apply([PeerUpdate::Put(lease(1, 1))]), vec![]);
         assert_eq!(
             set.apply([PeerUpdate::Put(lease(1, 2))]),
             vec![LeaseEvent::Changed {
-                old: lease(1, 1),
-                new: lease(1, 2)
+                old: lease(1, 1).into(),
+                new: lease(1, 2).into()
             }]
         );
         assert_eq!(
             set.apply([PeerUpdate::Delete(lease(1, 2).key)]),
-            vec![LeaseEvent::Removed(lease(1, 2))]
+            vec![LeaseEvent::Removed(lease(1, 2).into())]
         );
         assert_eq!(set.apply([PeerUpdate::Delete(lease(1, 2).key)]), vec![]);
     }
@@ -182,7 +197,7 @@ mod tests {
         set.apply([PeerUpdate::Put(lease(6, 6))]);
         assert_eq!(
             set.set_own(Some(lease(6, 6).key)),
-            vec![LeaseEvent::Removed(lease(6, 6))]
+            vec![LeaseEvent::Removed(lease(6, 6).into())]
         );
         assert!(set.is_empty());
     }
@@ -196,11 +211,11 @@ mod tests {
             events,
             vec![
                 LeaseEvent::Changed {
-                    old: lease(2, 2),
-                    new: lease(2, 9)
+                    old: lease(2, 2).into(),
+                    new: lease(2, 9).into()
                 },
-                LeaseEvent::Added(lease(4, 4)),
-                LeaseEvent::Removed(lease(3, 3)),
+                LeaseEvent::Added(lease(4, 4).into()),
+                LeaseEvent::Removed(lease(3, 3).into()),
             ]
         );
         assert_eq!(set.len(), 3);
@@ -224,7 +239,7 @@ mod tests {
             let snapshot: Vec<Lease> = snapshot.into_iter().map(|(t, p)| lease(t, p)).collect();
             let mut a = PeerSet::new(Some(lease(7, 0).key));
             a.apply(updates);
-            let before: HashMap<SubnetKey, Lease> = a.known.clone();
+            let before: HashMap<SubnetKey, SharedLease> = a.known.clone();
             let events = a.resync(snapshot.clone());
             let mut b = PeerSet::new(Some(lease(7, 0).key));
             b.resync(snapshot);

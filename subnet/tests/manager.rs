@@ -340,7 +340,9 @@ async fn garbage_changes_nothing<H: Harness>(h: &H) {
         .await;
     assert_eq!(
         running.log[before..],
-        [ManagerEvent::PeersChanged(vec![LeaseEvent::Added(e)])],
+        [ManagerEvent::PeersChanged(vec![LeaseEvent::Added(
+            e.into()
+        )])],
         "only the valid lease produced an event"
     );
     assert_eq!(running.view.len(), 3);

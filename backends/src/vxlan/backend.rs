@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use ipnetwork::Ipv4Network;
 use subnet::lease::{Lease, LeaseAttrs, MacAddr, SubnetKey, VxlanData};
-use subnet::watch::LeaseEvent;
+use subnet::watch::{LeaseEvent, SharedLease};
 use tracing::{debug, info, warn};
 
 use super::netlink::{self, ApplyReport, Netlink, NetlinkError, VxlanDevice, VxlanDeviceSpec};
@@ -28,7 +28,7 @@ pub struct VxlanBackend {
     /// Our own subnet, once we hold a lease.
     own: Option<Ipv4Network>,
     /// Every peer lease as last given to us (programmed or skipped).
-    peers: BTreeMap<SubnetKey, Lease>,
+    peers: BTreeMap<SubnetKey, SharedLease>,
 }
 
 impl VxlanBackend {
@@ -183,14 +183,15 @@ impl Backend for VxlanBackend {
         Ok(())
     }
 
-    async fn resync(&mut self, peers: Vec<Lease>) -> Result<usize, BackendError> {
+    async fn resync(&mut self, peers: Vec<SharedLease>) -> Result<usize, BackendError> {
         self.peers = peers.into_iter().map(|l| (l.key, l)).collect();
         self.replay().await
     }
 
     async fn replay(&mut self) -> Result<usize, BackendError> {
         let current = self.kernel_state().await?;
-        let (ops, skipped) = plan::plan_resync(self.peers.values(), &current, &self.ctx);
+        let (ops, skipped) =
+            plan::plan_resync(self.peers.values().map(AsRef::as_ref), &current, &self.ctx);
         Self::log_skipped(&skipped);
         let removed = ops
             .iter()

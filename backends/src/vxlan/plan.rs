@@ -246,7 +246,7 @@ fn replace_route(route: OwnedRoute) -> NetOp {
 /// and added as it is, minus what stays the same, so no stale FDB entry or
 /// neighbour survives a VTEP MAC change.
 pub fn plan_event(event: &LeaseEvent, ctx: &PlanContext) -> (Vec<NetOp>, Vec<Skipped>) {
-    let (old, new) = match event {
+    let (old, new): (Option<&Lease>, Option<&Lease>) = match event {
         LeaseEvent::Added(lease) => (None, Some(lease)),
         LeaseEvent::Removed(lease) => (Some(lease), None),
         LeaseEvent::Changed { old, new } => (Some(old), Some(new)),
@@ -322,7 +322,8 @@ mod tests {
 
     #[test]
     fn added_peer_is_neighbour_fdb_then_route() {
-        let (ops, skipped) = plan_event(&LeaseEvent::Added(lease(2, 12, 0xaa)), &tunnel_ctx());
+        let (ops, skipped) =
+            plan_event(&LeaseEvent::Added(lease(2, 12, 0xaa).into()), &tunnel_ctx());
         assert!(skipped.is_empty());
         assert_eq!(
             ops,
@@ -345,7 +346,10 @@ mod tests {
 
     #[test]
     fn removed_peer_is_route_first() {
-        let (ops, _) = plan_event(&LeaseEvent::Removed(lease(2, 12, 0xaa)), &tunnel_ctx());
+        let (ops, _) = plan_event(
+            &LeaseEvent::Removed(lease(2, 12, 0xaa).into()),
+            &tunnel_ctx(),
+        );
         assert_eq!(
             ops,
             vec![
@@ -366,8 +370,8 @@ mod tests {
     #[test]
     fn changed_mac_removes_the_old_fdb_entry() {
         let event = LeaseEvent::Changed {
-            old: lease(2, 12, 0xaa),
-            new: lease(2, 12, 0xbb),
+            old: lease(2, 12, 0xaa).into(),
+            new: lease(2, 12, 0xbb).into(),
         };
         let (ops, _) = plan_event(&event, &tunnel_ctx());
         assert_eq!(
@@ -395,7 +399,7 @@ mod tests {
             direct_routing: true,
             onlink: vec![net("198.18.0.0/24")],
         };
-        let (ops, _) = plan_event(&LeaseEvent::Added(lease(2, 12, 0xaa)), &ctx);
+        let (ops, _) = plan_event(&LeaseEvent::Added(lease(2, 12, 0xaa).into()), &ctx);
         assert_eq!(
             ops,
             vec![NetOp::ReplaceDirectRoute {
@@ -407,7 +411,7 @@ mod tests {
             direct_routing: true,
             onlink: vec![net("198.19.0.0/24")],
         };
-        let (ops, _) = plan_event(&LeaseEvent::Added(lease(2, 12, 0xaa)), &far);
+        let (ops, _) = plan_event(&LeaseEvent::Added(lease(2, 12, 0xaa).into()), &far);
         assert_eq!(ops.len(), 3, "a peer on another segment is tunnelled");
     }
 

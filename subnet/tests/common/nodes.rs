@@ -7,10 +7,10 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use subnet::NetworkConfig;
-use subnet::lease::{Lease, LeaseAttrs, MacAddr, SubnetKey, VxlanData};
+use subnet::lease::{LeaseAttrs, MacAddr, SubnetKey, VxlanData};
 use subnet::manager::{LeaseManager, ManagerError, ManagerEvent, ManagerOptions, OwnLease};
 use subnet::store::LeaseStore;
-use subnet::watch::LeaseEvent;
+use subnet::watch::{LeaseEvent, SharedLease};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -67,7 +67,7 @@ pub(crate) struct Running {
     /// Every event, in order.
     pub(crate) log: Vec<ManagerEvent>,
     /// The peer set rebuilt from the events alone.
-    pub(crate) view: BTreeMap<SubnetKey, Lease>,
+    pub(crate) view: BTreeMap<SubnetKey, SharedLease>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), ManagerError>>,
 }
@@ -163,7 +163,7 @@ impl Running {
     }
 }
 
-fn apply_changes(view: &mut BTreeMap<SubnetKey, Lease>, changes: &[LeaseEvent]) {
+fn apply_changes(view: &mut BTreeMap<SubnetKey, SharedLease>, changes: &[LeaseEvent]) {
     for change in changes {
         match change {
             LeaseEvent::Added(lease) => {
