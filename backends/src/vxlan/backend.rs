@@ -192,6 +192,8 @@ impl Backend for VxlanBackend {
         let current = self.kernel_state().await?;
         let (ops, skipped) =
             plan::plan_resync(self.peers.values().map(AsRef::as_ref), &current, &self.ctx);
+        // Only the operations are needed from here on; free the dump first.
+        drop(current);
         Self::log_skipped(&skipped);
         let removed = ops
             .iter()

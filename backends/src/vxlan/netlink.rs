@@ -18,7 +18,6 @@ mod ethtool;
 mod msg;
 mod watch;
 
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -245,20 +244,16 @@ impl Netlink {
     async fn main_routes(&self) -> Result<Vec<msg::MainRoute>, NetlinkError> {
         let mut request = RouteMessage::default();
         request.header.address_family = AddressFamily::Inet;
-        let replies = self
-            .conn
-            .dump(
+        self.conn
+            .dump_map(
                 RouteNetlinkMessage::GetRoute(request),
                 "ip -4 route show table main",
+                |m| match m {
+                    RouteNetlinkMessage::NewRoute(r) => msg::main_route(&r),
+                    _ => None,
+                },
             )
-            .await?;
-        Ok(replies
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => msg::main_route(r),
-                _ => None,
-            })
-            .collect())
+            .await
     }
 
     /// `ip route show default`: the ifindex of the main table's IPv4 default
@@ -377,36 +372,47 @@ impl Netlink {
         network: Ipv4Network,
         subnet_len: u8,
     ) -> Result<KernelState, NetlinkError> {
-        let neighbours_request = neighbour_dump(AddressFamily::Inet);
-        let fdb_request = neighbour_dump(AddressFamily::Bridge);
-        let (neighbours, fdb, routes) = futures::try_join!(
-            self.conn.dump(neighbours_request, "ip -4 neigh show"),
-            self.conn.dump(fdb_request, "bridge fdb show"),
-            self.main_routes(),
-        )?;
-        let mut state = KernelState::default();
-        for m in &neighbours {
-            if let RouteNetlinkMessage::NewNeighbour(n) = m
-                && let Some((ip, mac)) = msg::permanent_neighbour(n, index)
-            {
-                state.neighbours.insert(ip, mac);
-            }
-        }
-        for m in &fdb {
-            if let RouteNetlinkMessage::NewNeighbour(n) = m
-                && let Some(entry) = msg::fdb_entry(n, index)
-            {
-                state.fdb.insert(entry);
-            }
-        }
-        let mut owned = BTreeMap::new();
-        for route in &routes {
-            if let Some(r) = msg::owned_route(route, index, network, subnet_len) {
-                owned.insert(r.dst, r);
-            }
-        }
-        state.routes = owned;
-        Ok(state)
+        // One dump at a time, each entry reduced to what we keep as it
+        // arrives: with thousands of peers the parsed messages would
+        // otherwise be the daemon's largest allocation.
+        let neighbours = self
+            .conn
+            .dump_map(
+                neighbour_dump(AddressFamily::Inet),
+                "ip -4 neigh show",
+                |m| match m {
+                    RouteNetlinkMessage::NewNeighbour(n) => msg::permanent_neighbour(&n, index),
+                    _ => None,
+                },
+            )
+            .await?
+            .into_iter()
+            .collect();
+        let fdb = self
+            .conn
+            .dump_map(
+                neighbour_dump(AddressFamily::Bridge),
+                "bridge fdb show",
+                |m| match m {
+                    RouteNetlinkMessage::NewNeighbour(n) => msg::fdb_entry(&n, index),
+                    _ => None,
+                },
+            )
+            .await?
+            .into_iter()
+            .collect();
+        let routes = self
+            .main_routes()
+            .await?
+            .iter()
+            .filter_map(|route| msg::owned_route(route, index, network, subnet_len))
+            .map(|r| (r.dst, r))
+            .collect();
+        Ok(KernelState {
+            neighbours,
+            fdb,
+            routes,
+        })
     }
 
     /// `ip link del <index>`; a link that is already gone counts as deleted.

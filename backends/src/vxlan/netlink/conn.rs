@@ -280,8 +280,21 @@ impl Conn {
         request: RouteNetlinkMessage,
         op: &str,
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.dump_map(request, op, Some).await
+    }
+
+    /// Like [`Self::dump`], but turns each message into a `T` (or drops it)
+    /// as it arrives, so a dump of thousands of entries never holds the
+    /// parsed messages all at once.
+    pub(super) async fn dump_map<T>(
+        &self,
+        request: RouteNetlinkMessage,
+        op: &str,
+        mut keep: impl FnMut(RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<Vec<T>, NetlinkError> {
         for _ in 0..DUMP_ATTEMPTS {
-            match tokio::time::timeout(REQUEST_TIMEOUT, self.dump_once(request.clone(), op)).await {
+            let attempt = self.dump_once(request.clone(), op, &mut keep);
+            match tokio::time::timeout(REQUEST_TIMEOUT, attempt).await {
                 Err(_) => return Err(BatchFailure::Timeout.into_error(op)),
                 Ok(Err(error)) => return Err(error),
                 Ok(Ok(Some(messages))) => return Ok(messages),
@@ -297,11 +310,12 @@ impl Conn {
     }
 
     /// One dump attempt; `None` if it was interrupted.
-    async fn dump_once(
+    async fn dump_once<T>(
         &self,
         request: RouteNetlinkMessage,
         op: &str,
-    ) -> Result<Option<Vec<RouteNetlinkMessage>>, NetlinkError> {
+        keep: &mut impl FnMut(RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, NetlinkError> {
         let mut message = NetlinkMessage::from(request);
         message.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
         let mut replies = self
@@ -314,7 +328,7 @@ impl Conn {
             let flags = reply.header.flags;
             interrupted |= flags & NLM_F_DUMP_INTR != 0;
             match reply.payload {
-                NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                NetlinkPayload::InnerMessage(inner) => out.extend(keep(inner)),
                 NetlinkPayload::Done(_) => return Ok((!interrupted).then_some(out)),
                 NetlinkPayload::Error(error) => {
                     return Err(reply_of(error.code.map(|c| c.get()), flags, &error.header)
