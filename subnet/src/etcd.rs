@@ -29,6 +29,9 @@ use crate::store::{
 /// flannel's default key prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
 
+/// Leases read per request when listing.
+const LIST_PAGE: i64 = 500;
+
 /// Client TLS for etcd, as PEM bytes (flannel's `--etcd-certfile`,
 /// `--etcd-keyfile` and optional `--etcd-cafile`).
 #[derive(Clone)]
@@ -229,6 +232,44 @@ impl EtcdStore {
         Ok(Err(current))
     }
 
+    /// Lists the leases in pages of [`LIST_PAGE`] keys, every page read at
+    /// the first page's revision: one consistent snapshot, without holding
+    /// one response for thousands of leases in memory.
+    async fn list_pages(&self) -> Result<LeaseListing, StoreError> {
+        let end = prefix_end(&self.subnets_dir);
+        let mut start = self.subnets_dir.clone().into_bytes();
+        let mut listing = LeaseListing::default();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if listing.revision > 0 {
+                options = options.with_revision(listing.revision);
+            }
+            let mut client = self.client.clone();
+            let response = self
+                .call("list leases", client.get(start.clone(), Some(options)))
+                .await?;
+            if listing.revision == 0 {
+                listing.revision = response.header().map_or(0, |h| h.revision());
+            }
+            for kv in response.kvs() {
+                match self.decode(kv) {
+                    Some(stored) => listing.leases.push(stored),
+                    None => listing.skipped += 1,
+                }
+            }
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    // The next key after the last one read.
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok(listing),
+            }
+        }
+    }
+
     /// Decodes one key-value; logs and returns `None` for anything else
     /// stored under the prefix.
     fn decode(&self, kv: &KeyValue) -> Option<StoredLease> {
@@ -287,27 +328,18 @@ impl LeaseStore for EtcdStore {
     }
 
     async fn list(&self) -> Result<LeaseListing, StoreError> {
-        let mut client = self.client.clone();
-        let response = self
-            .call(
-                "list leases",
-                client.get(
-                    self.subnets_dir.as_str(),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
-            .await?;
-        let mut listing = LeaseListing {
-            revision: response.header().map_or(0, |h| h.revision()),
-            ..LeaseListing::default()
-        };
-        for kv in response.kvs() {
-            match self.decode(kv) {
-                Some(stored) => listing.leases.push(stored),
-                None => listing.skipped += 1,
+        // A compaction between two pages makes the later page fail: start over.
+        let mut attempts = 0;
+        loop {
+            match self.list_pages().await {
+                Err(StoreError::Rejected(message))
+                    if message.contains("compacted") && attempts < 3 =>
+                {
+                    attempts += 1;
+                }
+                result => return result,
             }
         }
-        Ok(listing)
     }
 
     async fn create(&self, lease: &Lease, ttl: Ttl) -> Result<CreateOutcome, StoreError> {
@@ -417,6 +449,19 @@ impl LeaseStore for EtcdStore {
     }
 }
 
+/// The end of the key range holding every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only for a prefix of 0xff bytes: etcd's "to the end of the keyspace".
+    vec![0]
+}
+
 /// Maps a client error to a store error: transport trouble and gRPC codes
 /// that mean "try again" are `Unavailable`, the rest `Rejected`.
 fn store_error(error: etcd_client::Error) -> StoreError {
@@ -438,5 +483,20 @@ fn store_error(error: etcd_client::Error) -> StoreError {
             StoreError::Unavailable(error.to_string())
         }
         _ => StoreError::Rejected(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(
+            prefix_end("/coreos.com/network/subnets/"),
+            b"/coreos.com/network/subnets0"
+        );
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80");
+        assert_eq!(prefix_end(""), vec![0]);
     }
 }

@@ -152,20 +152,12 @@ impl Netlink {
 
     /// `ip link show`: every link.
     pub async fn links(&self) -> Result<Vec<LinkInfo>, NetlinkError> {
-        let replies = self
-            .conn
-            .dump(
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                "ip link show",
-            )
-            .await?;
-        Ok(replies
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(link) => Some(msg::link_info(link)),
+        self.conn
+            .dump_map(dump_links(), "ip link show", |m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(msg::link_info(&link)),
                 _ => None,
             })
-            .collect())
+            .await
     }
 
     /// `ip link show <name>`; `None` if there is no such link.
@@ -425,6 +417,11 @@ impl Netlink {
             .await?
             .into_result(&op, &[msg::ENODEV])
     }
+}
+
+/// The request behind `ip link show`.
+pub(super) fn dump_links() -> RouteNetlinkMessage {
+    RouteNetlinkMessage::GetLink(LinkMessage::default())
 }
 
 fn neighbour_dump(family: AddressFamily) -> RouteNetlinkMessage {

@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use futures::StreamExt;
 use rtnetlink::constants::RTMGRP_LINK;
 use rtnetlink::packet_core::NetlinkPayload;
-use rtnetlink::packet_route::link::LinkMessage;
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
 use tokio::sync::mpsc;
 
@@ -88,17 +87,11 @@ async fn forward(conn: &Conn, mut events: conn::Unsolicited, tx: &mpsc::Sender<u
 }
 
 async fn list_indexes(conn: &Conn) -> Result<BTreeSet<u32>, NetlinkError> {
-    let replies = conn
-        .dump(
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            "ip link show",
-        )
-        .await?;
-    Ok(replies
-        .iter()
-        .filter_map(|m| match m {
+    let indexes = conn
+        .dump_map(super::dump_links(), "ip link show", |m| match m {
             RouteNetlinkMessage::NewLink(link) => Some(link.header.index),
             _ => None,
         })
-        .collect())
+        .await?;
+    Ok(indexes.into_iter().collect())
 }
