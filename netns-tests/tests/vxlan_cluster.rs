@@ -267,8 +267,12 @@ fn etcd_leader_loss_is_survived() {
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
     wait_reachable(&cluster, &a, &b);
+    // Make the first endpoint every daemon lists the leader, then kill it:
+    // clients must fail over to the other members.
+    make_leader(&cluster, 0);
     let pings = ping_in_background(&a, b.ip(), 250);
     let leader = cluster.etcd().leader_index().unwrap();
+    assert_eq!(leader, 0);
     cluster.etcd().kill_member(leader).unwrap();
     let stats = pings.join().unwrap();
     assert_eq!(stats.received, stats.transmitted, "lost pings: {stats:?}");
@@ -286,6 +290,38 @@ fn etcd_leader_loss_is_survived() {
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
     }
     assert!(cluster.nodes().iter().all(|n| n.flanneld_pid().is_some()));
+}
+
+/// Moves etcd leadership to member `i` (`etcdctl move-leader`).
+fn make_leader(cluster: &Cluster, i: usize) {
+    if cluster.etcd().leader_index() == Some(i) {
+        return;
+    }
+    let endpoint = cluster.etcd().endpoint(i).unwrap();
+    let status = cluster
+        .etcd()
+        .etcdctl_ok([
+            "endpoint",
+            "status",
+            "-w",
+            "json",
+            "--endpoints",
+            endpoint.as_str(),
+        ])
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let id = json[0]["Status"]["header"]["member_id"].as_u64().unwrap();
+    cluster
+        .etcd()
+        .etcdctl_ok(["move-leader", &format!("{id:x}")])
+        .unwrap();
+    wait_for(
+        "the new etcd leader",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || cluster.etcd().leader_index() == Some(i),
+    )
+    .unwrap();
 }
 
 /// Someone deletes flannel.1: flanneld recreates it and replays every peer

@@ -11,6 +11,8 @@
 //! Unary calls get a timeout each; the watch stream has none (a gRPC deadline
 //! would end it) and relies on HTTP/2 keep-alive to notice a dead server.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -81,10 +83,16 @@ impl std::fmt::Debug for EtcdOptions {
     }
 }
 
-/// A lease store on etcd. Clones share one connection.
+/// A lease store on etcd. Clones share the connections.
+///
+/// There is one client per endpoint and requests go to the current one; a
+/// request that finds it unreachable moves every later request to the next
+/// endpoint (the caller's retry then lands there). etcd-client's own
+/// balancing kept choosing a dead member after its leader was killed.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    clients: Arc<[Client]>,
+    current: Arc<AtomicUsize>,
     config_key: String,
     /// `<prefix>/subnets/`, with the trailing slash.
     subnets_dir: String,
@@ -123,12 +131,27 @@ impl EtcdStore {
             };
             connect = connect.with_tls(config);
         }
-        let client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .map_err(store_error)?;
+        let mut clients = Vec::with_capacity(options.endpoints.len());
+        let mut last_error = None;
+        for endpoint in &options.endpoints {
+            // Without credentials this makes no request; with them it logs
+            // in, so an endpoint that is down now is left out.
+            match Client::connect([endpoint], Some(connect.clone())).await {
+                Ok(client) => clients.push(client),
+                Err(error) => {
+                    warn!(%endpoint, %error, "cannot connect to this etcd endpoint");
+                    last_error = Some(store_error(error));
+                }
+            }
+        }
+        if clients.is_empty() {
+            return Err(last_error
+                .unwrap_or_else(|| StoreError::Rejected("no etcd endpoints given".into())));
+        }
         let prefix = options.prefix.trim_end_matches('/');
         Ok(Self {
-            client,
+            clients: clients.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             config_key: format!("{prefix}/config"),
             subnets_dir: format!("{prefix}/subnets/"),
             timeout: options.request_timeout.unwrap_or(Duration::from_secs(5)),
@@ -145,22 +168,48 @@ impl EtcdStore {
         &self.config_key
     }
 
-    /// The underlying client (tests use it to write raw keys and compact).
+    /// The client requests go to now (tests use it to write raw keys and compact).
     pub fn client(&self) -> Client {
-        self.client.clone()
+        self.pick().1
     }
 
-    async fn call<T, F>(&self, what: &str, request: F) -> Result<T, StoreError>
+    /// The current endpoint's index and client.
+    fn pick(&self) -> (usize, Client) {
+        let index = self.current.load(Ordering::Relaxed) % self.clients.len();
+        (index, self.clients[index].clone())
+    }
+
+    /// Awaits `request` (made with the client of endpoint `used`) with a
+    /// timeout. If the endpoint was unreachable, later requests go to the
+    /// next one.
+    async fn call<T, F>(&self, used: usize, what: &str, request: F) -> Result<T, StoreError>
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        match tokio::time::timeout(self.timeout, request).await {
+        let result = match tokio::time::timeout(self.timeout, request).await {
             Ok(result) => result.map_err(store_error),
             Err(_) => Err(StoreError::Unavailable(format!(
                 "etcd {what} timed out after {:?}",
                 self.timeout
             ))),
+        };
+        if matches!(result, Err(StoreError::Unavailable(_))) && self.clients.len() > 1 {
+            let next = (used + 1) % self.clients.len();
+            // Only the first request to notice moves on; later ones that
+            // used the same dead endpoint must not skip a good one.
+            if self
+                .current
+                .compare_exchange(used, next, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
+                warn!(
+                    what,
+                    next_endpoint = next,
+                    "etcd endpoint unreachable; trying the next one"
+                );
+            }
         }
+        result
     }
 
     /// Grants a TTL lease for `ttl`; `(0, None)` for a reservation.
@@ -169,9 +218,9 @@ impl EtcdStore {
             Ttl::Never => Ok((0, None)),
             Ttl::Expiring(duration) => {
                 let seconds = i64::try_from(duration.as_secs().max(1)).unwrap_or(i64::MAX);
-                let mut client = self.client.clone();
+                let (used, mut client) = self.pick();
                 let granted = self
-                    .call("lease grant", client.lease_grant(seconds, None))
+                    .call(used, "lease grant", client.lease_grant(seconds, None))
                     .await?;
                 let ttl = Duration::from_secs(u64::try_from(granted.ttl()).unwrap_or(0));
                 Ok((granted.id(), Some(ttl)))
@@ -203,8 +252,8 @@ impl EtcdStore {
             .when([compare])
             .and_then([TxnOp::put(key.as_str(), lease.attrs.encode(), put_options)])
             .or_else([TxnOp::get(key.as_str(), None)]);
-        let mut client = self.client.clone();
-        let response = match self.call("transaction", client.txn(txn)).await {
+        let (used, mut client) = self.pick();
+        let response = match self.call(used, "transaction", client.txn(txn)).await {
             Ok(response) => response,
             Err(error) => {
                 // If the put did land, revoking also deletes the key, so an
@@ -246,9 +295,13 @@ impl EtcdStore {
             if listing.revision > 0 {
                 options = options.with_revision(listing.revision);
             }
-            let mut client = self.client.clone();
+            let (used, mut client) = self.pick();
             let response = self
-                .call("list leases", client.get(start.clone(), Some(options)))
+                .call(
+                    used,
+                    "list leases",
+                    client.get(start.clone(), Some(options)),
+                )
                 .await?;
             if listing.revision == 0 {
                 listing.revision = response.header().map_or(0, |h| h.revision());
@@ -317,9 +370,13 @@ impl EtcdStore {
 
 impl LeaseStore for EtcdStore {
     async fn network_config(&self) -> Result<Option<String>, StoreError> {
-        let mut client = self.client.clone();
+        let (used, mut client) = self.pick();
         let response = self
-            .call("get config", client.get(self.config_key.as_str(), None))
+            .call(
+                used,
+                "get config",
+                client.get(self.config_key.as_str(), None),
+            )
             .await?;
         Ok(response
             .kvs()
@@ -376,13 +433,13 @@ impl LeaseStore for EtcdStore {
         expected_revision: Option<i64>,
     ) -> Result<bool, StoreError> {
         let full_key = self.lease_key(key);
-        let mut client = self.client.clone();
+        let (used, mut client) = self.pick();
         if expected_revision.is_some_and(|revision| revision <= 0) {
             return Ok(false);
         }
         let Some(revision) = expected_revision else {
             let response = self
-                .call("delete", client.delete(full_key.as_str(), None))
+                .call(used, "delete", client.delete(full_key.as_str(), None))
                 .await?;
             return Ok(response.deleted() > 0);
         };
@@ -393,14 +450,14 @@ impl LeaseStore for EtcdStore {
                 revision,
             )])
             .and_then([TxnOp::delete(full_key.as_str(), None)]);
-        let response = self.call("delete", client.txn(txn)).await?;
+        let response = self.call(used, "delete", client.txn(txn)).await?;
         Ok(response.succeeded())
     }
 
     async fn revoke(&self, ttl_lease: i64) -> Result<(), StoreError> {
-        let mut client = self.client.clone();
+        let (used, mut client) = self.pick();
         match self
-            .call("lease revoke", client.lease_revoke(ttl_lease))
+            .call(used, "lease revoke", client.lease_revoke(ttl_lease))
             .await
         {
             Ok(_) => Ok(()),
@@ -414,9 +471,10 @@ impl LeaseStore for EtcdStore {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(from_revision);
-        let mut client = self.client.clone();
+        let (used, mut client) = self.pick();
         let stream = self
             .call(
+                used,
                 "watch",
                 client.watch(self.subnets_dir.as_str(), Some(options)),
             )
