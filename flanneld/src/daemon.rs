@@ -43,9 +43,11 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
             .with_context(|| format!("cannot serve health checks on {addr}"))?;
     }
 
-    let store = connect_store(&flags).await?;
-    let config_key = format!("{}/config", flags.etcd_prefix.trim_end_matches('/'));
-    let Some(config) = until_stopped(&stop, fetch_config(&store, &config_key)).await else {
+    let Some(store) = until_stopped(&stop, connect_store(&flags)).await else {
+        return Ok(());
+    };
+    let store = store?;
+    let Some(config) = until_stopped(&stop, fetch_config(&store)).await else {
         return Ok(());
     };
     if config.backend.kind != BackendKind::Vxlan {
@@ -366,10 +368,10 @@ fn etcd_tls(flags: &Flags) -> anyhow::Result<Option<EtcdTls>> {
 
 /// Fetches and validates the network config, retrying until it works (the
 /// operator may still be writing it, or etcd may be down).
-async fn fetch_config(store: &EtcdStore, key: &str) -> NetworkConfig {
+async fn fetch_config(store: &EtcdStore) -> NetworkConfig {
     let mut delay = Duration::from_secs(1);
     loop {
-        match load_config(store, key).await {
+        match load_config(store, store.config_key()).await {
             Ok(config) => return config,
             Err(error) => {
                 warn!(%error, retry_in = ?delay, "Couldn't fetch network config");

@@ -32,7 +32,7 @@ pub(crate) struct Flags {
     #[arg(
         long,
         env = "FLANNELD_ETCD_PREFIX",
-        default_value = "/coreos.com/network"
+        default_value = subnet::etcd::DEFAULT_PREFIX
     )]
     pub(crate) etcd_prefix: String,
 
@@ -77,7 +77,7 @@ pub(crate) struct Flags {
     #[arg(
         long,
         env = "FLANNELD_SUBNET_FILE",
-        default_value = "/run/flannel/subnet.env"
+        default_value = subnet::subnet_env::DEFAULT_SUBNET_FILE
     )]
     pub(crate) subnet_file: PathBuf,
 

@@ -387,6 +387,21 @@ impl EtcdCluster {
         Ok(Some(out.strip_suffix('\n').unwrap_or(&out).to_owned()))
     }
 
+    /// `etcdctl lease grant <ttl>`: the new lease's ID (hex, as etcdctl
+    /// takes it back in `put --lease`).
+    pub fn grant_lease(&self, ttl_seconds: u64) -> Result<String> {
+        let out = self.etcdctl_ok(["lease", "grant", &ttl_seconds.to_string()])?;
+        // "lease 694d7c1fb2e0ff0a granted with TTL(600s)"
+        out.split_whitespace()
+            .nth(1)
+            .map(str::to_owned)
+            .ok_or_else(|| HarnessError::Parse {
+                what: "`etcdctl lease grant` output".into(),
+                reason: "no lease ID".into(),
+                text: out.clone(),
+            })
+    }
+
     /// Writes the flannel network config to `/coreos.com/network/config`.
     pub fn put_config(&self, json: &str) -> Result<()> {
         self.put(&format!("{DEFAULT_ETCD_PREFIX}/config"), json)

@@ -403,11 +403,7 @@ fn flannel_go_lease_is_honoured() {
     let value = format!(
         r#"{{"PublicIP":"{go_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{go_mac}"}}}}"#
     );
-    let lease = cluster
-        .etcd()
-        .etcdctl_ok(["lease", "grant", "600"])
-        .unwrap();
-    let lease_id = lease.split_whitespace().nth(1).unwrap().to_owned();
+    let lease_id = cluster.etcd().grant_lease(600).unwrap();
     cluster
         .etcd()
         .etcdctl_ok([

@@ -78,11 +78,6 @@ impl GoObject {
         }
     }
 
-    /// The members in document order.
-    pub fn members(&self) -> impl Iterator<Item = (&str, &RawValue)> {
-        self.members.iter().map(|(k, v)| (k.as_str(), v.as_ref()))
-    }
-
     /// Whether the object has no members.
     pub fn is_empty(&self) -> bool {
         self.members.is_empty()

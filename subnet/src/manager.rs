@@ -263,11 +263,6 @@ impl<S: LeaseStore> LeaseManager<S> {
         self
     }
 
-    /// The attributes this node publishes.
-    pub fn attrs(&self) -> &LeaseAttrs {
-        &self.attrs
-    }
-
     /// Takes a lease: the one carrying our public IP if there is a usable
     /// one, else `previous` (from the old subnet.env) if nobody holds it, else
     /// a random free subnet. Lost races are retried with other subnets.
@@ -277,8 +272,7 @@ impl<S: LeaseStore> LeaseManager<S> {
     ) -> Result<OwnLease, ManagerError> {
         for _ in 0..REUSE_RETRIES {
             let listing = self.store.list().await?;
-            let mut taken: Vec<Ipv4Network> =
-                listing.leases.iter().map(|s| s.lease.key.ipv4).collect();
+            let mut taken = subnets(&listing.leases);
 
             match self.reuse_own(&listing.leases, &mut taken).await? {
                 Reuse::Reused(own) => return Ok(own),
@@ -302,10 +296,7 @@ impl<S: LeaseStore> LeaseManager<S> {
         leases: &[StoredLease],
         taken: &mut Vec<Ipv4Network>,
     ) -> Result<Reuse, ManagerError> {
-        let mut ours: Vec<&StoredLease> = leases
-            .iter()
-            .filter(|s| s.lease.attrs.public_ip == self.attrs.public_ip)
-            .collect();
+        let mut ours: Vec<&StoredLease> = leases.iter().filter(|s| self.is_ours(s)).collect();
         ours.sort_by_key(|s| !s.is_reservation());
         for stored in ours {
             let subnet = stored.lease.key.ipv4;
@@ -405,8 +396,12 @@ impl<S: LeaseStore> LeaseManager<S> {
     }
 
     async fn taken_subnets(&self) -> Result<Vec<Ipv4Network>, ManagerError> {
-        let listing = self.store.list().await?;
-        Ok(listing.leases.iter().map(|s| s.lease.key.ipv4).collect())
+        Ok(subnets(&self.store.list().await?.leases))
+    }
+
+    /// Whether a stored lease is this node's (its public IP is our identity).
+    fn is_ours(&self, stored: &StoredLease) -> bool {
+        stored.lease.attrs.public_ip == self.attrs.public_ip
     }
 
     fn exhausted(&self) -> ManagerError {
@@ -461,8 +456,7 @@ impl<S: LeaseStore> LeaseManager<S> {
                     )));
                 }
                 UpdateOutcome::Changed(Some(current))
-                    if current.lease.attrs.public_ip == self.attrs.public_ip
-                        && !current.is_reservation() =>
+                    if self.is_ours(&current) && !current.is_reservation() =>
                 {
                     expected = current.mod_revision;
                     superseded.push(current.ttl_lease);
@@ -563,7 +557,7 @@ impl<S: LeaseStore> Keeper<S> {
         };
         let own_key = self.own.stored.lease.key;
         match listing.leases.iter().find(|s| s.lease.key == own_key) {
-            Some(stored) if stored.lease.attrs.public_ip == self.manager.attrs.public_ip => {
+            Some(stored) if self.manager.is_ours(stored) => {
                 adopt(&mut self.own, stored);
             }
             _ => return self.reacquire().await,
@@ -661,7 +655,7 @@ impl<S: LeaseStore> Keeper<S> {
         for event in events {
             match event {
                 WatchEvent::Put(stored) if stored.lease.key == own_key => {
-                    if stored.lease.attrs.public_ip == self.manager.attrs.public_ip {
+                    if self.manager.is_ours(&stored) {
                         adopt(&mut self.own, &stored);
                     } else {
                         lost = true;
@@ -740,6 +734,11 @@ enum Reuse {
     Reused(OwnLease),
     Raced,
     Nothing,
+}
+
+/// The IPv4 subnets of `leases`.
+fn subnets(leases: &[StoredLease]) -> Vec<Ipv4Network> {
+    leases.iter().map(|s| s.lease.key.ipv4).collect()
 }
 
 /// Follows a newer write of our own key (same public IP), e.g. one whose

@@ -42,16 +42,6 @@ pub enum LeaseEvent {
     Removed(SharedLease),
 }
 
-impl LeaseEvent {
-    /// The subnet key this event is about.
-    pub fn key(&self) -> SubnetKey {
-        match self {
-            Self::Added(lease) | Self::Removed(lease) => lease.key,
-            Self::Changed { new, .. } => new.key,
-        }
-    }
-}
-
 /// The peers a node currently knows.
 #[derive(Debug, Clone, Default)]
 pub struct PeerSet {

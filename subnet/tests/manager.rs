@@ -289,9 +289,6 @@ async fn watch_survives_cut_and_compaction<H: Harness>(h: &H) {
             r.peer_keys() == expected
         })
         .await;
-    // A renewal of c after the outage changes nothing.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let log_len = running.log.len();
     assert_eq!(
         running.count_changes(|c| matches!(c, LeaseEvent::Removed(l) if l.key == b.key)),
         1
@@ -308,7 +305,6 @@ async fn watch_survives_cut_and_compaction<H: Harness>(h: &H) {
         running.count(|e| matches!(e, ManagerEvent::LeaseReacquired { .. })),
         0
     );
-    assert!(log_len >= 2);
     running.stop().await;
 }
 

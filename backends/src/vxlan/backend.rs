@@ -88,11 +88,6 @@ impl VxlanBackend {
         }
     }
 
-    /// The device as it is now.
-    pub fn device(&self) -> &VxlanDevice {
-        &self.device
-    }
-
     /// The MTU containers should use (underlay MTU minus VXLAN overhead).
     pub fn mtu(&self) -> u32 {
         self.device.mtu
@@ -130,6 +125,18 @@ impl VxlanBackend {
         for skip in skipped {
             warn!(subnet = %skip.key, reason = %skip.reason, "not programming a peer lease");
         }
+    }
+
+    /// Puts our subnet's base address on the device as a /32.
+    async fn set_address(&mut self, subnet: Ipv4Network) -> Result<(), BackendError> {
+        let address = Ipv4Network::new(subnet.network(), 32)
+            .map_err(|e| BackendError::Invalid(format!("own subnet {subnet}: {e}")))?;
+        self.netlink
+            .ensure_address(self.device.index, address, self.network)
+            .await
+            .map_err(|e| BackendError::netlink("set the device address", e))?;
+        self.own = Some(subnet);
+        Ok(())
     }
 
     async fn kernel_state(&self) -> Result<KernelState, BackendError> {
@@ -172,15 +179,7 @@ async fn ensure_device(
 
 impl Backend for VxlanBackend {
     async fn activate(&mut self, own: &Lease) -> Result<(), BackendError> {
-        let subnet = own.key.ipv4;
-        let address = Ipv4Network::new(subnet.network(), 32)
-            .map_err(|e| BackendError::Invalid(format!("own subnet {subnet}: {e}")))?;
-        self.netlink
-            .ensure_address(self.device.index, address, self.network)
-            .await
-            .map_err(|e| BackendError::netlink("set the device address", e))?;
-        self.own = Some(subnet);
-        Ok(())
+        self.set_address(own.key.ipv4).await
     }
 
     async fn resync(&mut self, peers: Vec<SharedLease>) -> Result<usize, BackendError> {
@@ -246,11 +245,7 @@ impl Backend for VxlanBackend {
         )
         .await?;
         if let Some(own) = self.own {
-            let own_lease = Lease {
-                key: SubnetKey::v4(own),
-                attrs: self.lease_attrs(),
-            };
-            self.activate(&own_lease).await?;
+            self.set_address(own).await?;
         }
         self.replay().await?;
         Ok(true)

@@ -71,12 +71,7 @@ pub(crate) fn run() -> Result<Join> {
     let [a, b, c, _] = cluster.underlay_net().ip().octets();
     let public_ip = Ipv4Addr::new(a, b, c, 200);
     let etcd = cluster.etcd();
-    let grant = etcd.etcdctl_ok(["lease", "grant", "3600"])?;
-    let lease = grant
-        .split_whitespace()
-        .nth(1)
-        .with_context(|| format!("unexpected `etcdctl lease grant` output: {grant}"))?
-        .to_owned();
+    let lease = etcd.grant_lease(3600)?;
     let subnets: Vec<Ipv4Addr> = (100..=255u8)
         .map(|x| Ipv4Addr::new(10, 244, x, 0))
         .filter(|s| !taken.contains(s))

@@ -141,12 +141,7 @@ fn fake_peers(cluster: &Cluster, n: usize) -> Result<Vec<Peer>> {
 /// `etcdctl txn` batches of [`TXN_OPS`] puts, [`WRITERS`] processes at once.
 fn write_leases(etcd: &EtcdCluster, peers: &[Peer]) -> Result<Duration> {
     let started = Instant::now();
-    let grant = etcd.etcdctl_ok(["lease", "grant", "3600"])?;
-    let lease = grant
-        .split_whitespace()
-        .nth(1)
-        .with_context(|| format!("unexpected `etcdctl lease grant` output: {grant}"))?
-        .to_owned();
+    let lease = etcd.grant_lease(3600)?;
     let mut txns = Vec::new();
     for chunk in peers.chunks(TXN_OPS) {
         // Compares (none), a blank line, the success ops, two blank lines.
