@@ -6,6 +6,10 @@ set -euo pipefail
 PACKAGES=(
     etcd-server etcd-client protobuf-compiler iproute2 iputils-ping iperf3 ethtool
     nftables iptables tcpdump containernetworking-plugins procps
+    # Real CNI clients (issue 4): podman with its CNI backend, containerd's CRI service, a
+    # gRPC client for CRI on Debian's python, and libcni for a small Go client.
+    podman runc conmon busybox-static containerd python3-grpcio python3-grpc-tools
+    golang-go golang-github-appc-cni-dev
 )
 
 # "command-or-absolute-path:package" pairs checked for presence.
@@ -22,6 +26,17 @@ REQUIRED=(
     tcpdump:tcpdump
     /usr/lib/cni/bridge:containernetworking-plugins
     /usr/lib/cni/host-local:containernetworking-plugins
+    /usr/lib/cni/portmap:containernetworking-plugins
+    /usr/lib/cni/tuning:containernetworking-plugins
+    podman:podman
+    runc:runc
+    conmon:conmon
+    /bin/busybox:busybox-static
+    containerd:containerd
+    /usr/lib/python3/dist-packages/grpc:python3-grpcio
+    /usr/lib/python3/dist-packages/grpc_tools:python3-grpc-tools
+    go:golang-go
+    /usr/share/gocode/src/github.com/containernetworking/cni/libcni:golang-github-appc-cni-dev
 )
 
 log() { echo "setup.sh: $*"; }
