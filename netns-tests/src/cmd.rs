@@ -46,9 +46,22 @@ pub fn describe(cmd: &Command) -> String {
 /// returns [`HarnessError::CommandTimeout`]. The exit status is not checked:
 /// see [`run_ok`].
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    run_with_input(cmd, None, timeout)
+}
+
+/// Like [`run`], with `input` written to the command's stdin (then closed).
+pub fn run_with_input(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<Output> {
     let desc = describe(cmd);
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -56,6 +69,14 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
             cmd: desc.clone(),
             source,
         })?;
+    if let (Some(mut pipe), Some(data)) = (child.stdin.take(), input) {
+        let data = data.to_vec();
+        // A writer thread: a child that does not read its stdin must not block us.
+        thread::spawn(move || {
+            use std::io::Write;
+            let _ = pipe.write_all(&data);
+        });
+    }
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
     match wait_child(&mut child, timeout) {

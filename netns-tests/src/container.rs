@@ -1,5 +1,6 @@
-//! Containers: a namespace with `eth0` on the node's `cni0` bridge, made the
-//! way the CNI bridge plugin makes them (until our own plugin exists).
+//! Containers: a namespace with `eth0` on the node's `cni0` bridge, attached
+//! by the real CNI plugin ([`crate::Node::add_container`]) or by hand for
+//! subnets no flanneld of ours leased ([`crate::Node::add_container_in`]).
 
 use std::ffi::OsStr;
 use std::net::Ipv4Addr;
@@ -33,6 +34,8 @@ pub struct Container {
     mtu: u32,
     /// The host end of the veth, in the node namespace.
     host_veth: String,
+    /// Attached by the CNI plugin (so removal calls its DEL).
+    by_plugin: bool,
 }
 
 impl Container {
@@ -64,6 +67,11 @@ impl Container {
     /// The name of the veth's host end in the node namespace.
     pub fn host_veth(&self) -> &str {
         &self.host_veth
+    }
+
+    /// True if the CNI plugin attached it.
+    pub fn attached_by_plugin(&self) -> bool {
+        self.by_plugin
     }
 
     /// Runs `ip netns exec <container> <args...>` (60 s timeout); the exit
@@ -192,6 +200,7 @@ pub(crate) fn create(
         gateway: bridge.gateway,
         mtu: bridge.mtu,
         host_veth: format!("vc{j}"),
+        by_plugin: false,
     };
     let mtu = c.mtu.to_string();
     node.netns_set.create(&c.netns)?;
@@ -235,6 +244,39 @@ pub(crate) fn create(
         "eth0",
     ])?;
     Ok(c)
+}
+
+/// The container the CNI plugin attached in `netns`, from its ADD result
+/// (CNI 1.1.0: interfaces `[bridge, host veth, eth0 with mtu]`, one IPv4
+/// address with its gateway).
+pub(crate) fn from_cni_result(netns: String, result: &serde_json::Value) -> Result<Container> {
+    let bad = |what: &str| HarnessError::Invalid(format!("CNI result has no {what}: {result}"));
+    let ip = &result["ips"][0];
+    let address: Ipv4Network = ip["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| bad("ips[0].address"))?;
+    let gateway = ip["gateway"]
+        .as_str()
+        .and_then(|g| g.parse().ok())
+        .ok_or_else(|| bad("ips[0].gateway"))?;
+    let host_veth = result["interfaces"][1]["name"]
+        .as_str()
+        .ok_or_else(|| bad("interfaces[1].name"))?
+        .to_owned();
+    let mtu = result["interfaces"][2]["mtu"]
+        .as_u64()
+        .and_then(|m| u32::try_from(m).ok())
+        .ok_or_else(|| bad("interfaces[2].mtu"))?;
+    Ok(Container {
+        netns,
+        ip: address.ip(),
+        prefix_len: address.prefix(),
+        gateway,
+        mtu,
+        host_veth,
+        by_plugin: true,
+    })
 }
 
 #[cfg(test)]

@@ -10,8 +10,9 @@
 //!   at `.2`..`.4`), see [`EtcdCluster`];
 //! - nodes `<p>-n<i>` at `.<10+i>` on `eth0`, each running one flanneld
 //!   when asked, see [`Node`];
-//! - containers `<p>-n<i>c<j>` on the node's `cni0` bridge, see
-//!   [`Container`].
+//! - containers `<p>-n<i>c<j>` on the node's `cni0` bridge, attached by the
+//!   real CNI plugin (`target/debug/flannel`), see [`Container`] and
+//!   [`cni_exec`].
 //!
 //! `p` is a prefix `ft<pid>x<n>` unique among live processes. Dropping the
 //! [`Cluster`] kills what it started (by PID) and deletes what it created;
@@ -34,6 +35,7 @@
 
 mod cluster;
 mod cmd;
+mod cni;
 mod container;
 mod error;
 mod etcd;
@@ -43,7 +45,11 @@ mod node;
 mod ping;
 
 pub use cluster::{Cluster, ClusterSpec, DEFAULT_NETWORK_CONFIG, KEEP_ENV, SUBNET_ENV_TIMEOUT};
-pub use cmd::{EXEC_TIMEOUT, IP_TIMEOUT, describe, ip, log_tail, run, run_ok};
+pub use cmd::{EXEC_TIMEOUT, IP_TIMEOUT, describe, ip, log_tail, run, run_ok, run_with_input};
+pub use cni::{
+    CNI_PLUGIN_ENV, CNI_TIMEOUT, CniCall, CniOutput, HARNESS_NETWORK, cni_exec, cni_plugin_binary,
+    flannel_config,
+};
 pub use container::{BRIDGE, Container};
 pub use error::{HarnessError, Result};
 pub use etcd::{CLIENT_PORT, DEFAULT_ETCD_PREFIX, ETCD_START_TIMEOUT, EtcdCluster, PEER_PORT};

@@ -14,6 +14,7 @@ use ipnetwork::Ipv4Network;
 use subnet::subnet_env::{SubnetEnv, SubnetEnvError};
 
 use crate::cmd::{self, EXEC_TIMEOUT, describe, ip, log_tail, netns_daemon_command, spawn_daemon};
+use crate::cni::{CniCall, HARNESS_NETWORK, cni_exec, cni_plugin_binary, flannel_config};
 use crate::container::{self, Bridge, Container};
 use crate::error::{HarnessError, Result};
 use crate::netns::{NetnsSet, netns_exec};
@@ -41,13 +42,18 @@ pub fn flanneld_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("FLANNELD") {
         return PathBuf::from(path);
     }
+    target_dir().join("debug").join("flanneld")
+}
+
+/// The workspace's cargo target directory: `$CARGO_TARGET_DIR` (relative to
+/// the workspace if relative), else `<workspace>/target`.
+pub(crate) fn target_dir() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let workspace = manifest.parent().unwrap_or(manifest);
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+    match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => workspace.join(dir),
         None => workspace.join("target"),
-    };
-    target.join("debug").join("flanneld")
+    }
 }
 
 /// What a node knows when it is created.
@@ -348,21 +354,47 @@ impl Node {
         ping(&self.cfg.netns, to, count, Duration::from_millis(100))
     }
 
-    /// Adds a container in this node's flannel subnet: reads
-    /// [`Node::subnet_file`] (`FLANNEL_SUBNET`, `FLANNEL_MTU`) and calls
-    /// [`Node::add_container_in`]. Until the CNI plugin exists this stands in
-    /// for it.
+    /// The directory the CNI plugin keeps its state in on this node
+    /// (`dataDir`).
+    pub fn cni_data_dir(&self) -> PathBuf {
+        self.cfg.dir.join("cni-data")
+    }
+
+    /// The network config the harness passes to the CNI plugin on this node
+    /// (CNI 1.1.0, network [`HARNESS_NETWORK`], this node's subnet file and
+    /// [`Node::cni_data_dir`]).
+    pub fn cni_config(&self) -> serde_json::Value {
+        flannel_config(
+            HARNESS_NETWORK,
+            "1.1.0",
+            &self.subnet_file(),
+            &self.cni_data_dir(),
+        )
+    }
+
+    /// Adds a container namespace `<node netns>c<j>` and attaches it with
+    /// the real CNI plugin ([`cni_plugin_binary`]): `ADD` with
+    /// [`Node::cni_config`], interface `eth0`, called from the node
+    /// namespace. The container's address, gateway, MTU and host veth come
+    /// from the plugin's result.
     pub fn add_container(&self) -> Result<Container> {
-        let path = self.subnet_file();
-        let env = SubnetEnv::read_complete(&path)
-            .map_err(|e| HarnessError::Invalid(format!("cannot add a container: {e}")))?;
-        let (Some(subnet), Some(mtu)) = (env.subnet_network(), env.mtu) else {
-            return Err(HarnessError::Invalid(format!(
-                "{} has no IPv4 FLANNEL_SUBNET or no FLANNEL_MTU",
-                path.display()
-            )));
+        let netns = {
+            let mut state = self.state();
+            let j = state.containers_added;
+            state.containers_added += 1;
+            format!("{}c{j}", self.cfg.netns)
         };
-        self.add_container_in(subnet, mtu)
+        self.cfg.netns_set.create(&netns)?;
+        let call = CniCall::new("ADD", &netns, &netns);
+        let out = cni_exec(
+            Some(&self.cfg.netns),
+            &cni_plugin_binary(),
+            &call,
+            &self.cni_config(),
+        )?;
+        let c = container::from_cni_result(netns, &out.result()?)?;
+        self.state().containers.push(c.clone());
+        Ok(c)
     }
 
     /// Adds a container namespace `<node netns>c<j>` attached to this node's
@@ -398,10 +430,21 @@ impl Node {
         self.state().containers.clone()
     }
 
-    /// Deletes a container's namespace (which deletes its veth pair). Its
-    /// address is not handed out again.
+    /// Detaches a container (CNI `DEL` if the plugin attached it) and
+    /// deletes its namespace. Its address is not handed out again by the
+    /// hand-made path; the plugin may reuse it later.
     pub fn remove_container(&self, c: &Container) -> Result<()> {
         self.state().containers.retain(|x| x != c);
+        if c.attached_by_plugin() {
+            let call = CniCall::new("DEL", c.netns(), c.netns());
+            cni_exec(
+                Some(&self.cfg.netns),
+                &cni_plugin_binary(),
+                &call,
+                &self.cni_config(),
+            )?
+            .succeeded()?;
+        }
         self.cfg.netns_set.delete(c.netns())
     }
 
