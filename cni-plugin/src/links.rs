@@ -310,6 +310,21 @@ pub fn create_veth(nl: &mut Netlink, spec: &VethSpec<'_>) -> CniResult<bool> {
     }
 }
 
+/// Makes `port` a port of `bridge`, up.
+pub fn set_master(nl: &mut Netlink, port: &Link, bridge: &Link) -> CniResult<()> {
+    let mut m = LinkMessage::default();
+    m.header.index = port.index;
+    m.header.flags = LinkFlags::Up;
+    m.header.change_mask = LinkFlags::Up;
+    m.attributes.push(LinkAttribute::Controller(bridge.index));
+    nl.execute(
+        RouteNetlinkMessage::SetLink(m),
+        0,
+        format!("attach {} to {}", port.name, bridge.name),
+    )?;
+    Ok(())
+}
+
 /// Turns hairpin mode on for a bridge port.
 pub fn set_hairpin(nl: &mut Netlink, port: &Link) -> CniResult<()> {
     let mut m = LinkMessage::default();

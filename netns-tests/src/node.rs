@@ -372,12 +372,9 @@ impl Node {
         )
     }
 
-    /// Adds a container namespace `<node netns>c<j>` and attaches it with
-    /// the real CNI plugin ([`cni_plugin_binary`]): `ADD` with
-    /// [`Node::cni_config`], interface `eth0`, called from the node
-    /// namespace. The container's address, gateway, MTU and host veth come
-    /// from the plugin's result.
-    pub fn add_container(&self) -> Result<Container> {
+    /// Creates an empty container namespace `<node netns>c<j>` (deleted with
+    /// the cluster) for tests that drive the CNI plugin themselves.
+    pub fn add_container_netns(&self) -> Result<String> {
         let netns = {
             let mut state = self.state();
             let j = state.containers_added;
@@ -385,6 +382,22 @@ impl Node {
             format!("{}c{j}", self.cfg.netns)
         };
         self.cfg.netns_set.create(&netns)?;
+        Ok(netns)
+    }
+
+    /// Deletes a namespace made by [`Node::add_container_netns`] (a runtime
+    /// deleting a dead container's namespace).
+    pub fn delete_container_netns(&self, netns: &str) -> Result<()> {
+        self.cfg.netns_set.delete(netns)
+    }
+
+    /// Adds a container namespace `<node netns>c<j>` and attaches it with
+    /// the real CNI plugin ([`cni_plugin_binary`]): `ADD` with
+    /// [`Node::cni_config`], interface `eth0`, called from the node
+    /// namespace. The container's address, gateway, MTU and host veth come
+    /// from the plugin's result.
+    pub fn add_container(&self) -> Result<Container> {
+        let netns = self.add_container_netns()?;
         let call = CniCall::new("ADD", &netns, &netns);
         let out = cni_exec(
             Some(&self.cfg.netns),

@@ -168,7 +168,9 @@ fn attach(
     })
 }
 
-/// ADD repeated: the container already has `ifname`; it must be our veth.
+/// ADD repeated: the container already has `ifname`; it must be a veth
+/// whose host end is in this namespace. A host end taken off the bridge is
+/// put back (ADD repairs what it made).
 fn existing_peer(
     host: &mut Netlink,
     existing: &Link,
@@ -182,11 +184,15 @@ fn existing_peer(
         _ => None,
     };
     match peer {
-        Some(peer) if peer.master == Some(bridge.index) => Ok(peer),
+        Some(peer) if peer.kind == Some(netlink_packet_route::link::InfoKind::Veth) => {
+            if peer.master != Some(bridge.index) {
+                links::set_master(host, &peer, bridge)?;
+            }
+            Ok(peer)
+        }
         _ => Err(CniError::plugin(format!(
-            "the container already has an interface {ifname} that is not attached to bridge {} \
-             (use another CNI_IFNAME or delete it)",
-            bridge.name
+            "the container already has an interface {ifname} that is not a veth to this node \
+             (use another CNI_IFNAME or delete it)"
         ))),
     }
 }
