@@ -53,7 +53,7 @@ fn write_subnet_env(dir: &Path) {
     .unwrap();
 }
 
-fn add_env<'a>(netns: &'a str) -> Vec<(&'a str, &'a str)> {
+fn add_env(netns: &str) -> Vec<(&str, &str)> {
     vec![
         ("CNI_COMMAND", "ADD"),
         ("CNI_CONTAINERID", "abc123"),
@@ -132,12 +132,15 @@ fn status_is_ready_only_with_a_complete_subnet_env() {
     assert!(text.is_empty(), "STATUS prints nothing on success: {text}");
 }
 
+/// One bad call: environment, stdin, expected code, text the message names.
+type Case<'a> = (Vec<(&'a str, &'a str)>, String, u64, &'a str);
+
 #[test]
 fn bad_input_gets_the_right_code_and_names_the_problem() {
     let dir = tempfile::tempdir().unwrap();
     write_subnet_env(dir.path());
     let conf = config(dir.path(), "1.0.0").to_string();
-    let cases: Vec<(Vec<(&str, &str)>, String, u64, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (vec![], conf.clone(), 4, "CNI_COMMAND"),
         (vec![("CNI_COMMAND", "FROB")], conf.clone(), 4, "FROB"),
         (add_env("/x"), "{not json".into(), 6, "not valid JSON"),
