@@ -147,10 +147,13 @@ impl PluginConfig {
             Some(rc) => parse_runtime_config(rc)?,
             None => (Vec::new(), None),
         };
-        let valid_attachments = match obj.remove("cni.dev/valid-attachments") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(parse_attachments(&v)?),
-        };
+        // `cni.dev/attachments` is the key's name in early CNI 1.1 drafts
+        // and libcni versions; accept both.
+        let attachments = obj
+            .remove("cni.dev/valid-attachments")
+            .filter(|v| !v.is_null())
+            .or_else(|| obj.remove("cni.dev/attachments").filter(|v| !v.is_null()));
+        let valid_attachments = attachments.map(|v| parse_attachments(&v)).transpose()?;
         Ok(Self {
             version,
             name,

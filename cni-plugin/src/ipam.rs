@@ -89,20 +89,29 @@ impl Ipam {
     /// waiting for other plugin processes.
     pub fn lock(data_dir: &Path) -> CniResult<Self> {
         let root = data_dir.join("ipam");
-        let attachments = root.join("attachments");
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&attachments)
-            .map_err(|e| io_error("create", &attachments, e))?;
         let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|e| io_error("open", &lock_path, e))?;
+        let open = || {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&lock_path)
+        };
+        // The directories exist after the first call: only create them then.
+        let lock = match open() {
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let attachments = root.join("attachments");
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&attachments)
+                    .map_err(|e| io_error("create", &attachments, e))?;
+                open()
+            }
+            other => other,
+        }
+        .map_err(|e| io_error("open", &lock_path, e))?;
         lock.lock().map_err(|e| io_error("lock", &lock_path, e))?;
         Ok(Self { root, _lock: lock })
     }
@@ -141,9 +150,20 @@ impl Ipam {
         owner: &Owner,
         requested: Option<Ipv4Addr>,
     ) -> CniResult<Ipv4Addr> {
+        self.reserve_new(subnet, owner, requested).map(|(ip, _)| ip)
+    }
+
+    /// As [`Ipam::reserve`]; also tells whether the address is newly
+    /// reserved (false: ADD repeated).
+    pub fn reserve_new(
+        &self,
+        subnet: Ipv4Network,
+        owner: &Owner,
+        requested: Option<Ipv4Addr>,
+    ) -> CniResult<(Ipv4Addr, bool)> {
         if let Some(held) = self.find(subnet, owner) {
             if requested.is_none_or(|r| r == held) {
-                return Ok(held);
+                return Ok((held, false));
             }
             return Err(CniError::plugin(format!(
                 "container {} interface {} already has {held}, not the requested {}",
@@ -185,7 +205,7 @@ impl Ipam {
                 )));
             }
             self.claim(&dir, &key, ip, owner)?;
-            return Ok(ip);
+            return Ok((ip, true));
         }
 
         let last_path = dir.join("last_reserved_ip");
@@ -206,9 +226,10 @@ impl Ipam {
                 Err(e) => return Err(io_error("inspect", &path, e)),
             }
             self.claim(&dir, &key, ip, owner)?;
-            // Only a hint for the next search: a lost update is harmless.
-            let _ = write_replace(&last_path, &format!("{ip}\n"));
-            return Ok(ip);
+            // Only a hint for the next search: a lost or torn update just
+            // restarts the search at `.2`, so no rename is needed.
+            let _ = write_new(&last_path, &format!("{ip}\n"));
+            return Ok((ip, true));
         }
         Err(CniError::plugin(format!(
             "no free address left in the node subnet {subnet} (all {size} container addresses \
@@ -233,11 +254,31 @@ impl Ipam {
     /// atomically (see the module docs for why in this order).
     fn claim(&self, dir: &Path, key: &str, ip: Ipv4Addr, owner: &Owner) -> CniResult<()> {
         let index = self.index_path(owner);
-        write_replace(&index, &format!("{ip}\n{key}\n"))
-            .map_err(|e| io_error("write", &index, e))?;
+        // Written in place: a torn index never points at a reservation of
+        // this owner (that is created below), so it is ignored like any
+        // stale index.
+        write_new(&index, &format!("{ip}\n{key}\n")).map_err(|e| io_error("write", &index, e))?;
         let path = dir.join(ip.to_string());
         let tmp = dir.join(format!(".{ip}.{}.tmp", std::process::id()));
-        write_new(&tmp, &owner.encode()).map_err(|e| io_error("write", &tmp, e))?;
+        match write_new(&tmp, &owner.encode()) {
+            // The first reservation in this subnet: make its directory.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                DirBuilder::new()
+                    .mode(0o700)
+                    .create(dir)
+                    .or_else(|e| {
+                        if e.kind() == ErrorKind::AlreadyExists {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .map_err(|e| io_error("create", dir, e))?;
+                write_new(&tmp, &owner.encode())
+            }
+            other => other,
+        }
+        .map_err(|e| io_error("write", &tmp, e))?;
         let linked = fs::hard_link(&tmp, &path);
         let _ = fs::remove_file(&tmp);
         match linked {
@@ -385,7 +426,7 @@ fn remove_if_present(path: &Path) -> CniResult<()> {
     }
 }
 
-/// Creates `path` (which must not exist) with `text`, mode 0600.
+/// Creates or truncates `path` and writes `text`, mode 0600.
 fn write_new(path: &Path, text: &str) -> io::Result<()> {
     let mut f = OpenOptions::new()
         .write(true)
@@ -394,17 +435,6 @@ fn write_new(path: &Path, text: &str) -> io::Result<()> {
         .mode(0o600)
         .open(path)?;
     f.write_all(text.as_bytes())
-}
-
-/// Replaces `path` with `text` atomically (temporary file + rename).
-fn write_replace(path: &Path, text: &str) -> io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    write_new(&tmp, text)?;
-    fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })
 }
 
 #[cfg(test)]

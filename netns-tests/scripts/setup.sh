@@ -10,6 +10,8 @@ PACKAGES=(
     # gRPC client for CRI on Debian's python, and libcni for a small Go client.
     podman runc conmon busybox-static containerd python3-grpcio python3-grpc-tools
     golang-go golang-github-appc-cni-dev
+    # /usr/bin/time: the CNI benchmark's peak RSS of one plugin call.
+    time
 )
 
 # "command-or-absolute-path:package" pairs checked for presence.
@@ -37,6 +39,7 @@ REQUIRED=(
     /usr/lib/python3/dist-packages/grpc_tools:python3-grpc-tools
     go:golang-go
     /usr/share/gocode/src/github.com/containernetworking/cni/libcni:golang-github-appc-cni-dev
+    /usr/bin/time:time
 )
 
 log() { echo "setup.sh: $*"; }

@@ -44,17 +44,16 @@ pub(super) fn add(env: &Env, conf: &PluginConfig) -> CniResult<String> {
 
     let (ip, newly_reserved) = {
         let ipam = Ipam::lock(&conf.data_dir)?;
-        let held = ipam.find(settings.subnet, &owner).is_some();
-        let ip = ipam.reserve(settings.subnet, &owner, requested)?;
+        let (ip, newly_reserved) = ipam.reserve_new(settings.subnet, &owner, requested)?;
         if settings.ip_masq
             && let Err(e) = masq::ensure(&conf.name, settings.subnet)
         {
-            if !held {
+            if newly_reserved {
                 ipam.release(&owner)?;
             }
             return Err(e);
         }
-        (ip, !held)
+        (ip, newly_reserved)
     };
     let mac = env.args.mac.or(conf.requested_mac);
     match attach(

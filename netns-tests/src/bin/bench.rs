@@ -8,10 +8,16 @@
 //! - b. time to program 1,000 and 5,000 peers from etcd vs the same entries
 //!   applied with `bridge -batch` + `ip -batch` (goal: ours faster);
 //! - c. join-to-route latency p50/p99 on 3 nodes vs the `etcdctl put` itself;
-//! - d. flanneld's peak RSS with 5,000 peers vs etcd's (goal < 10 MB).
+//! - d. flanneld's peak RSS with 5,000 peers vs etcd's (goal < 10 MB);
+//! - e. CNI ADD and DEL median and p99 over 100 operations, our plugin vs
+//!   Debian's `bridge` + `host-local` (goal: ADD median <= 0.25x), and both
+//!   plugins' peak RSS.
 //!
+//! Arguments name the sections to run (`bench e`); none runs all.
 //! Exits 1 only if a figure could not be measured.
 
+#[path = "bench/cni.rs"]
+mod cni;
 #[path = "bench/iperf.rs"]
 mod iperf;
 #[path = "bench/join.rs"]
@@ -43,6 +49,44 @@ fn main() -> ExitCode {
     let mut failed = Vec::new();
     let mut summary = Vec::new();
 
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let wanted = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
+    if wanted("a") {
+        section_a(&mut summary, &mut failed);
+    }
+    if wanted("b") || wanted("c") || wanted("d") {
+        sections_b_to_d(&mut summary, &mut failed);
+    }
+    if wanted("e") {
+        section_e(&mut summary, &mut failed);
+    }
+
+    section("summary");
+    println!(
+        "  {:<34} {:>12} {:>12} {:>7}   goal",
+        "figure", "ours", "anchor", "ratio"
+    );
+    for line in &summary {
+        println!("  {line}");
+    }
+    println!(
+        "  total bench time {:.0} s{}",
+        started.elapsed().as_secs_f64(),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!("; NOT measured: {}", failed.join(", "))
+        }
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Section a: TCP throughput, ours vs a hand-made VXLAN pair.
+fn section_a(summary: &mut Vec<String>, failed: &mut Vec<String>) {
     section(
         "a. TCP throughput, container to container (iperf3 -t 5, 1 stream, rounds alternating the order)",
     );
@@ -75,9 +119,12 @@ fn main() -> ExitCode {
                 "(anchor with flanneld's iptables)",
             ));
         }
-        Err(e) => fail(&mut failed, "a", &e),
+        Err(e) => fail(failed, "a", &e),
     }
+}
 
+/// Sections b to d: programming peers, join latency, flanneld's RSS.
+fn sections_b_to_d(summary: &mut Vec<String>, failed: &mut Vec<String>) {
     section("b. Time to program N peers from etcd (route count on flannel.1 polled every 20 ms)");
     let mut rss = Vec::new();
     let mut baseline_kb = None;
@@ -94,7 +141,7 @@ fn main() -> ExitCode {
                 ));
                 rss.push((r.n, r.flanneld_hwm_kb, r.etcd_hwm_kb));
             }
-            Err(e) => fail(&mut failed, &format!("b ({n} peers)"), &e),
+            Err(e) => fail(failed, &format!("b ({n} peers)"), &e),
         }
     }
 
@@ -156,7 +203,7 @@ fn main() -> ExitCode {
                 "(anchor: etcdctl put)",
             ));
         }
-        Err(e) => fail(&mut failed, "c", &e),
+        Err(e) => fail(failed, "c", &e),
     }
 
     section("d. Peak RSS (VmHWM from /proc/<pid>/status)");
@@ -186,33 +233,75 @@ fn main() -> ExitCode {
             "flanneld < 10 MB (anchor: etcd)",
         )),
         None => fail(
-            &mut failed,
+            failed,
             "d",
             &anyhow::anyhow!("the 5000-peer run of b did not finish, so there is no RSS"),
         ),
     }
+}
 
-    section("summary");
-    println!(
-        "  {:<34} {:>12} {:>12} {:>7}   goal",
-        "figure", "ours", "anchor", "ratio"
-    );
-    for line in &summary {
-        println!("  {line}");
+/// Section e: CNI ADD/DEL latency and RSS, ours vs bridge + host-local.
+fn section_e(summary: &mut Vec<String>, failed: &mut Vec<String>) {
+    section(&format!(
+        "e. CNI ADD/DEL, {} operations each, ours vs Debian bridge + host-local (interleaved)",
+        cni::OPS
+    ));
+    let mut f = match cni::run() {
+        Ok(f) => f,
+        Err(e) => return fail(failed, "e", &e),
+    };
+    for (name, ours, reference, goal) in [
+        (
+            "ADD",
+            &mut f.ours_add,
+            &mut f.ref_add,
+            "<= 0.25 (anchor: bridge+host-local)",
+        ),
+        (
+            "DEL",
+            &mut f.ours_del,
+            &mut f.ref_del,
+            "(anchor: bridge+host-local)",
+        ),
+    ] {
+        let (o50, o99) = (percentile(ours, 50), percentile(ours, 99));
+        let (r50, r99) = (percentile(reference, 50), percentile(reference, 99));
+        println!(
+            "  {name}: ours median {:>9} p99 {:>9} | reference median {:>9} p99 {:>9} | \
+             ratio median {:.3} p99 {:.3}",
+            ms(o50),
+            ms(o99),
+            ms(r50),
+            ms(r99),
+            ratio(o50, r50),
+            ratio(o99, r99)
+        );
+        summary.push(row(
+            &format!("e. CNI {name} median"),
+            ms(o50),
+            ms(r50),
+            ratio(o50, r50),
+            goal,
+        ));
     }
-    println!(
-        "  total bench time {:.0} s{}",
-        started.elapsed().as_secs_f64(),
-        if failed.is_empty() {
-            String::new()
-        } else {
-            format!("; NOT measured: {}", failed.join(", "))
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    match (f.ours_rss_kb, f.ref_rss_kb) {
+        (Some(o), Some(r)) => {
+            println!(
+                "  peak RSS of one ADD: ours {:.1} MB, bridge (+ host-local) {:.1} MB, ratio {:.2}",
+                mb(o),
+                mb(r),
+                mb(o) / mb(r)
+            );
+            summary.push(row(
+                "e. CNI ADD peak RSS",
+                format!("{:.1} MB", mb(o)),
+                format!("{:.1} MB", mb(r)),
+                mb(o) / mb(r),
+                "(anchor: bridge+host-local)",
+            ));
         }
-    );
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+        _ => println!("  peak RSS: not measured (/usr/bin/time is missing: apt-get install time)"),
     }
 }
 
