@@ -87,25 +87,18 @@ impl Link {
 pub fn link_by_name(nl: &mut Netlink, name: &str) -> CniResult<Option<Link>> {
     let mut m = LinkMessage::default();
     m.attributes.push(LinkAttribute::IfName(name.to_owned()));
-    let reply = nl.get(
-        RouteNetlinkMessage::GetLink(m),
-        &format!("look up link {name}"),
-    )?;
-    Ok(match reply {
-        Some(RouteNetlinkMessage::NewLink(m)) => Some(Link::from_message(&m)),
-        _ => None,
-    })
+    get_link(nl, m, &format!("look up link {name}"))
 }
 
 /// The link with index `index`, if it exists.
 pub fn link_by_index(nl: &mut Netlink, index: u32) -> CniResult<Option<Link>> {
     let mut m = LinkMessage::default();
     m.header.index = index;
-    let reply = nl.get(
-        RouteNetlinkMessage::GetLink(m),
-        &format!("look up link {index}"),
-    )?;
-    Ok(match reply {
+    get_link(nl, m, &format!("look up link {index}"))
+}
+
+fn get_link(nl: &mut Netlink, query: LinkMessage, what: &str) -> CniResult<Option<Link>> {
+    Ok(match nl.get(RouteNetlinkMessage::GetLink(query), what)? {
         Some(RouteNetlinkMessage::NewLink(m)) => Some(Link::from_message(&m)),
         _ => None,
     })

@@ -92,26 +92,21 @@ pub(crate) fn run() -> Result<CniFigures> {
         ref_rss_kb: None,
     };
     let result = (|| -> Result<()> {
-        for i in 0..WARMUP + OPS {
-            let timed = i >= WARMUP;
-            let t = call(&ours, &own_ns, "ADD", i, None)?;
-            if timed {
-                f.ours_add.push(t);
-            }
-            let t = call(&reference, &own_ns, "ADD", i, None)?;
-            if timed {
-                f.ref_add.push(t);
-            }
-        }
-        for i in 0..WARMUP + OPS {
-            let timed = i >= WARMUP;
-            let t = call(&ours, &own_ns, "DEL", i, None)?;
-            if timed {
-                f.ours_del.push(t);
-            }
-            let t = call(&reference, &own_ns, "DEL", i, None)?;
-            if timed {
-                f.ref_del.push(t);
+        // All ADDs, then all DELs; ours and the reference alternate op by op.
+        for command in ["ADD", "DEL"] {
+            for i in 0..WARMUP + OPS {
+                let ours_time = call(&ours, &own_ns, command, i, None)?;
+                let ref_time = call(&reference, &own_ns, command, i, None)?;
+                if i < WARMUP {
+                    continue;
+                }
+                let (o, r) = if command == "ADD" {
+                    (&mut f.ours_add, &mut f.ref_add)
+                } else {
+                    (&mut f.ours_del, &mut f.ref_del)
+                };
+                o.push(ours_time);
+                r.push(ref_time);
             }
         }
         if Path::new("/usr/bin/time").exists() {
