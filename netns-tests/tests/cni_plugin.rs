@@ -1,6 +1,7 @@
 //! The `flannel` CNI plugin in real namespaces: many sequential and
 //! concurrent ADDs, SIGKILL during ADD then GC, CHECK against hand-made
-//! damage, repeated ADD, requested addresses, `ipMasq`, and Debian's
+//! damage, repeated ADD, requested addresses, `ipMasq`, delegation to another
+//! plugin, and Debian's
 //! reference `tuning` and `portmap` chained after it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -502,4 +503,42 @@ fn chained_tuning_and_portmap_work_on_our_result() {
     let nat = node.exec_ok(["iptables", "-t", "nat", "-S"]).unwrap();
     assert!(!nat.contains(&container_ip.to_string()), "{nat}");
     assert_eq!(host_veths(node), 0);
+}
+
+/// A `delegate.type` other than `bridge` runs that plugin with flannel's
+/// rendered config, saved under `dataDir` for DEL (which needs no subnet.env).
+#[test]
+fn other_delegates_are_run_like_flannel_does() {
+    let (cluster, subnet) = node_with_subnet(38, true);
+    let node = cluster.node(0);
+    let ns = node.add_container_netns().unwrap();
+    let mut config = node.cni_config();
+    config["cniVersion"] = json!("1.0.0");
+    config["delegate"] = json!({"type": "ptp"});
+    let result = call(node, "ADD", &ns, &config).result().unwrap();
+    let ip = address_of(&result);
+    assert!(usable(subnet, ip), "{ip} not from {subnet}");
+    assert_eq!(container_address(&ns).unwrap(), format!("{ip}/24"));
+    let saved_path = node.cni_data_dir().join(&ns);
+    let saved: Value = serde_json::from_slice(&std::fs::read(&saved_path).unwrap()).unwrap();
+    assert_eq!(saved["type"], "ptp");
+    assert_eq!(saved["name"], config["name"]);
+    assert_eq!(saved["mtu"], 1450);
+    assert_eq!(saved["ipMasq"], false);
+    assert_eq!(saved["ipam"]["type"], "host-local");
+    assert_eq!(
+        saved["ipam"]["ranges"],
+        json!([[{"subnet": subnet.to_string()}]])
+    );
+    assert_eq!(saved["ipam"]["routes"], json!([{"dst": "10.244.0.0/16"}]));
+
+    // DEL replays the saved config even with subnet.env gone.
+    std::fs::remove_file(node.subnet_file()).unwrap();
+    call(node, "DEL", &ns, &config).succeeded().unwrap();
+    assert!(
+        !saved_path.exists(),
+        "the saved delegate config must go with DEL"
+    );
+    assert_eq!(container_address(&ns), None);
+    call(node, "DEL", &ns, &config).succeeded().unwrap();
 }
