@@ -1,8 +1,7 @@
 //! The `flannel` CNI plugin in real namespaces: many sequential and
 //! concurrent ADDs, SIGKILL during ADD then GC, CHECK against hand-made
 //! damage, repeated ADD, requested addresses, `ipMasq`, delegation to another
-//! plugin, and Debian's
-//! reference `tuning` and `portmap` chained after it.
+//! plugin, and Debian's reference `tuning` and `portmap` chained after it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
