@@ -5,7 +5,8 @@
 //! crate's types only, never on etcd, so a backend can run from any lease
 //! source.
 //!
-//! - [`vxlan`]: kernel VXLAN through netlink.
+//! - [`vxlan`]: kernel VXLAN through netlink;
+//! - [`udp`]: flannel's UDP encapsulation over TUN, in userspace.
 
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -13,6 +14,7 @@ use std::net::Ipv4Addr;
 use subnet::lease::Lease;
 use subnet::watch::{LeaseEvent, SharedLease};
 
+pub mod udp;
 pub mod vxlan;
 
 /// The external (underlay) interface a backend sends through.

@@ -1,5 +1,5 @@
-//! Wiring: etcd store, lease manager, VXLAN backend, subnet file, firewall,
-//! health and systemd, until a signal says stop.
+//! Wiring: etcd store, lease manager, backend (VXLAN or UDP), subnet file,
+//! firewall, health and systemd, until a signal says stop.
 //!
 //! Nothing is torn down on exit: the device, routes, neighbours, FDB
 //! entries, iptables rules and the lease all stay, so a restart is hitless.
@@ -9,6 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
+use backends::udp::backend::{UdpBackend, UdpTuning};
+use backends::udp::options::UdpOptions;
 use backends::vxlan::backend::VxlanBackend;
 use backends::vxlan::netlink::Netlink;
 use backends::vxlan::options::VxlanOptions;
@@ -50,9 +52,9 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
     let Some(config) = until_stopped(&stop, fetch_config(&store)).await else {
         return Ok(());
     };
-    if config.backend.kind != BackendKind::Vxlan {
+    if !matches!(config.backend.kind, BackendKind::Vxlan | BackendKind::Udp) {
         bail!(
-            "backend type {:?} is not supported by this flanneld yet (supported: vxlan)",
+            "backend type {:?} is not supported by this flanneld yet (supported: vxlan, udp)",
             config.backend.kind.as_str()
         );
     }
@@ -70,74 +72,135 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
     let underlay = iface::select(&netlink, &selector).await?;
     info!(iface = %underlay.name, public_ip = %underlay.public_ip, mtu = underlay.mtu, "using interface");
 
-    let options = VxlanOptions::from_config(&config.backend).context("invalid Backend options")?;
-    let mut backend = VxlanBackend::prepare(
-        netlink.clone(),
-        options,
-        ipv4.network,
-        ipv4.subnet_len,
-        underlay,
-    )
-    .await?;
-
-    let previous = previous_subnet(&flags.subnet_file);
-    let manager_options = ManagerOptions {
-        ttl: flags.lease_ttl(),
-        renew_margin: flags.renew_margin(),
-        ..ManagerOptions::default()
-    };
-    let mut manager = LeaseManager::new(store, &config, backend.lease_attrs(), manager_options)?;
-    let Some(own) = until_stopped(&stop, acquire(&mut manager, previous)).await else {
-        return Ok(());
-    };
-    let own = own?;
-    info!(subnet = %own.subnet(), reservation = own.stored.is_reservation(), "holding lease");
-    backend.activate(own.lease()).await?;
-
-    let mut node = Node {
+    let setup = Setup {
         flags: &flags,
+        store,
+        config: &config,
         network: ipv4.network,
-        backend,
+        netlink: &netlink,
         ready,
-        needs_resync: false,
+        stop,
     };
-    let rules = node.rule_sets(own.subnet());
-    let rules_ok = firewall::ensure_all(&rules).await;
-    let env_ok = node.write_subnet_file(own.subnet());
-    node.ready.set(rules_ok && env_ok);
-    if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        warn!(%error, "cannot notify systemd");
+    if config.backend.kind == BackendKind::Udp {
+        let options =
+            UdpOptions::from_config(&config.backend).context("invalid Backend options")?;
+        let tuning = UdpTuning {
+            workers: flags.udp_workers,
+            batch: flags.udp_batch,
+        };
+        let backend =
+            UdpBackend::prepare(netlink.clone(), options, tuning, ipv4.network, underlay).await?;
+        let attrs = backend.lease_attrs();
+        let mtu = backend.mtu();
+        setup.serve(backend, attrs, mtu).await
+    } else {
+        let options =
+            VxlanOptions::from_config(&config.backend).context("invalid Backend options")?;
+        let backend = VxlanBackend::prepare(
+            netlink.clone(),
+            options,
+            ipv4.network,
+            ipv4.subnet_len,
+            underlay,
+        )
+        .await?;
+        let attrs = backend.lease_attrs();
+        let mtu = backend.mtu();
+        setup.serve(backend, attrs, mtu).await
     }
-    let firewall_task = (!rules.is_empty()).then(|| {
-        let ready = node.ready.clone();
-        let interval = Duration::from_secs(flags.iptables_resync.max(1));
-        // Ready once the rules are in place (and the subnet file was written).
-        tokio::spawn(firewall::keep(rules, interval, move |ok| {
-            ready.set(ok && env_ok);
-        }))
-    });
+}
 
-    let result = node.serve(manager, own, &netlink, stop.clone()).await;
-    if let Some(task) = firewall_task {
-        task.abort();
+/// What every backend's node is started with.
+struct Setup<'a> {
+    flags: &'a Flags,
+    store: EtcdStore,
+    config: &'a NetworkConfig,
+    network: Ipv4Network,
+    netlink: &'a Netlink,
+    ready: Readiness,
+    stop: watch::Receiver<bool>,
+}
+
+impl Setup<'_> {
+    /// Acquires the lease, activates `backend` (which publishes `attrs` and
+    /// needs `mtu` in containers), writes subnet.env and serves until stopped.
+    async fn serve<B: Backend>(
+        self,
+        mut backend: B,
+        attrs: subnet::lease::LeaseAttrs,
+        mtu: u32,
+    ) -> anyhow::Result<()> {
+        let Setup {
+            flags,
+            store,
+            config,
+            network,
+            netlink,
+            ready,
+            stop,
+        } = self;
+        let previous = previous_subnet(&flags.subnet_file);
+        let manager_options = ManagerOptions {
+            ttl: flags.lease_ttl(),
+            renew_margin: flags.renew_margin(),
+            ..ManagerOptions::default()
+        };
+        let mut manager = LeaseManager::new(store, config, attrs, manager_options)?;
+        let Some(own) = until_stopped(&stop, acquire(&mut manager, previous)).await else {
+            return Ok(());
+        };
+        let own = own?;
+        info!(subnet = %own.subnet(), reservation = own.stored.is_reservation(), "holding lease");
+        backend.activate(own.lease()).await?;
+
+        let mut node = Node {
+            flags,
+            network,
+            backend,
+            mtu,
+            ready,
+            needs_resync: false,
+        };
+        let rules = node.rule_sets(own.subnet());
+        let rules_ok = firewall::ensure_all(&rules).await;
+        let env_ok = node.write_subnet_file(own.subnet());
+        node.ready.set(rules_ok && env_ok);
+        if let Err(error) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            warn!(%error, "cannot notify systemd");
+        }
+        let firewall_task = (!rules.is_empty()).then(|| {
+            let ready = node.ready.clone();
+            let interval = Duration::from_secs(flags.iptables_resync.max(1));
+            // Ready once the rules are in place (and the subnet file was written).
+            tokio::spawn(firewall::keep(rules, interval, move |ok| {
+                ready.set(ok && env_ok);
+            }))
+        });
+
+        let result = node.serve(manager, own, netlink, stop.clone()).await;
+        if let Some(task) = firewall_task {
+            task.abort();
+        }
+        if result.is_ok() {
+            info!("Exiting cleanly...");
+        }
+        result
     }
-    if result.is_ok() {
-        info!("Exiting cleanly...");
-    }
-    result
 }
 
 /// The running node: the backend and what it has been told.
-struct Node<'a> {
+struct Node<'a, B> {
     flags: &'a Flags,
     network: Ipv4Network,
-    backend: VxlanBackend,
+    backend: B,
+    /// The MTU written to subnet.env.
+    mtu: u32,
     ready: Readiness,
     /// A kernel update failed: redo everything at the next device check.
     needs_resync: bool,
 }
 
-impl Node<'_> {
+impl<B: Backend> Node<'_, B> {
     fn rule_sets(&self, own: Ipv4Network) -> Vec<RuleSet> {
         let mut sets = Vec::new();
         if self.flags.iptables_forward_rules {
@@ -156,7 +219,7 @@ impl Node<'_> {
         let env = SubnetEnv {
             networks: vec![self.network],
             subnet: Ipv4Network::new(gateway, own.prefix()).ok(),
-            mtu: Some(self.backend.mtu()),
+            mtu: Some(self.mtu),
             ipmasq: Some(self.flags.ip_masq),
             ..SubnetEnv::default()
         };
@@ -267,7 +330,7 @@ impl Node<'_> {
 
     async fn check_device(&mut self) {
         match self.backend.recover().await {
-            Ok(true) => info!("VXLAN device recreated and every peer replayed"),
+            Ok(true) => info!("backend device recreated and every peer replayed"),
             Ok(false) if self.needs_resync => {
                 let result = self.backend.replay().await;
                 self.after_resync(result);

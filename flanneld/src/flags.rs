@@ -94,6 +94,16 @@ pub(crate) struct Flags {
     )]
     pub(crate) subnet_lease_ttl: u64,
 
+    /// udp backend: packet worker threads (0: one per core, at most 8).
+    /// Hidden: a tuning knob for benchmarks.
+    #[arg(long, env = "FLANNELD_UDP_WORKERS", default_value_t = 0, hide = true)]
+    pub(crate) udp_workers: usize,
+
+    /// udp backend: packets per system call (1..=1024). Hidden: 1 gives the
+    /// one-packet-per-syscall loop the benchmark compares against.
+    #[arg(long, env = "FLANNELD_UDP_BATCH", default_value_t = 64, hide = true)]
+    pub(crate) udp_batch: usize,
+
     /// Install masquerade rules for traffic leaving the overlay.
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
     pub(crate) ip_masq: bool,
@@ -244,6 +254,13 @@ fn validate(flags: &Flags) -> Result<(), FlagError> {
             "subnet-lease-ttl",
             flags.subnet_lease_ttl.to_string(),
             "must be longer than the renew margin",
+        ));
+    }
+    if !(1..=1024).contains(&flags.udp_batch) {
+        return Err(invalid(
+            "udp-batch",
+            flags.udp_batch.to_string(),
+            "must be 1..1024",
         ));
     }
     if flags.etcd_endpoints.iter().all(|e| e.trim().is_empty()) {

@@ -11,7 +11,10 @@
 //! - d. flanneld's peak RSS with 5,000 peers vs etcd's (goal < 10 MB);
 //! - e. CNI ADD and DEL median and p99 over 100 operations, our plugin vs
 //!   Debian's `bridge` + `host-local` (goal: ADD median <= 0.25x), and both
-//!   plugins' peak RSS.
+//!   plugins' peak RSS;
+//! - f. TCP over our udp backend vs our VXLAN vs a one-packet-per-syscall
+//!   loop, 1 and 4 streams, and CPU seconds per GB (goal udp/VXLAN >= 1.0,
+//!   first milestone 0.5).
 //!
 //! Arguments name the sections to run (`bench e`); none runs all.
 //! Exits 1 only if a figure could not be measured.
@@ -26,6 +29,8 @@ mod join;
 mod peers;
 #[path = "bench/throughput.rs"]
 mod throughput;
+#[path = "bench/udp.rs"]
+mod udp;
 #[path = "bench/util.rs"]
 mod util;
 
@@ -59,6 +64,9 @@ fn main() -> ExitCode {
     }
     if wanted("e") {
         section_e(&mut summary, &mut failed);
+    }
+    if wanted("f") {
+        section_f(&mut summary, &mut failed);
     }
 
     section("summary");
@@ -302,6 +310,43 @@ fn section_e(summary: &mut Vec<String>, failed: &mut Vec<String>) {
             ));
         }
         _ => println!("  peak RSS: not measured (/usr/bin/time is missing: apt-get install time)"),
+    }
+}
+
+/// Section f: the udp backend's throughput against VXLAN and a naive loop.
+fn section_f(summary: &mut Vec<String>, failed: &mut Vec<String>) {
+    section("f. TCP container to container: udp backend vs VXLAN vs a naive loop (iperf3 -t 5)");
+    let paths = match udp::run() {
+        Ok(p) => p,
+        Err(e) => return fail(failed, "f", &e),
+    };
+    for path in &paths {
+        for (streams, (bps, cpu)) in udp::STREAMS.iter().zip(&path.runs) {
+            println!(
+                "  {:<40} {streams} stream(s): {:>14}  {cpu:>6.2} CPU s/GB",
+                path.name,
+                iperf::gbit(*bps)
+            );
+        }
+    }
+    let [udp, vxlan, naive] = &paths[..] else {
+        return;
+    };
+    for (i, streams) in udp::STREAMS.iter().enumerate() {
+        let (u, v, n) = (udp.runs[i].0, vxlan.runs[i].0, naive.runs[i].0);
+        println!(
+            "  {streams} stream(s): udp/vxlan = {:.3} (goal >= 1.0, milestone 0.5), naive/vxlan = {:.3}, udp/naive = {:.1}",
+            u / v,
+            n / v,
+            u / n
+        );
+        summary.push(row(
+            &format!("f. udp backend, {streams} stream(s)"),
+            iperf::gbit(u),
+            iperf::gbit(v),
+            u / v,
+            ">= 1.0 (anchor: our VXLAN)",
+        ));
     }
 }
 

@@ -47,7 +47,7 @@ impl Netlink {
         let index = match reused {
             Some(index) => {
                 tracing::info!(device = %spec.name, index, "reusing the existing VXLAN device");
-                self.set_mtu_up(index, spec).await?;
+                self.set_mtu_up(index, &spec.name, spec.mtu).await?;
                 index
             }
             None => self.create_vxlan(spec).await?,
@@ -126,16 +126,35 @@ impl Netlink {
             })
     }
 
-    /// `ip link set <index> mtu <mtu> up`.
-    async fn set_mtu_up(&self, index: u32, spec: &VxlanDeviceSpec) -> Result<(), NetlinkError> {
+    /// `ip link set <name> mtu <mtu> up` (link `index`).
+    pub async fn set_mtu_up(&self, index: u32, name: &str, mtu: u32) -> Result<(), NetlinkError> {
         let mut message = LinkMessage::default();
         message.header.index = index;
         message.header.flags = LinkFlags::Up;
         message.header.change_mask = LinkFlags::Up;
-        message.attributes.push(LinkAttribute::Mtu(spec.mtu));
-        let op = format!("ip link set {} mtu {} up", spec.name, spec.mtu);
+        message.attributes.push(LinkAttribute::Mtu(mtu));
+        let op = format!("ip link set {name} mtu {mtu} up");
         self.conn
             .ack(RouteNetlinkMessage::SetLink(message), 0, &op)
+            .await?
+            .into_result(&op, &[])
+    }
+
+    /// `ip route replace <dst> dev <index>` (scope link): how the udp
+    /// backend sends the whole network into its TUN device.
+    pub async fn replace_device_route(
+        &self,
+        index: u32,
+        dst: Ipv4Network,
+    ) -> Result<(), NetlinkError> {
+        let dev = self.device_label(index).await;
+        let op = format!("ip route replace {dst} dev {dev}");
+        self.conn
+            .ack(
+                RouteNetlinkMessage::NewRoute(msg::device_route(index, dst)),
+                NLM_F_CREATE | NLM_F_REPLACE,
+                &op,
+            )
             .await?
             .into_result(&op, &[])
     }

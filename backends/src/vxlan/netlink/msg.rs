@@ -152,6 +152,14 @@ fn route(dst: Ipv4Network) -> RouteMessage {
     m
 }
 
+/// `ip route replace <dst> dev <index>`: scope link, no gateway.
+pub(super) fn device_route(index: u32, dst: Ipv4Network) -> RouteMessage {
+    let mut m = route(dst);
+    m.header.scope = RouteScope::Link;
+    m.attributes.push(RouteAttribute::Oif(index));
+    m
+}
+
 /// `ip addr replace <address> dev <index>` (IFA_LOCAL and IFA_ADDRESS both
 /// the address, as iproute2 sends for a non-point-to-point link).
 pub(super) fn address_message(index: u32, address: Ipv4Network) -> AddressMessage {

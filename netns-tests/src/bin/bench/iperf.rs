@@ -129,11 +129,23 @@ pub(crate) fn tcp_throughput(
     client_netns: &str,
     secs: u32,
 ) -> Result<f64> {
+    tcp_throughput_streams(server_netns, server_ip, client_netns, secs, 1)
+}
+
+/// As [`tcp_throughput`] with `streams` parallel TCP streams (`-P`), summed.
+pub(crate) fn tcp_throughput_streams(
+    server_netns: &str,
+    server_ip: Ipv4Addr,
+    client_netns: &str,
+    secs: u32,
+    streams: u32,
+) -> Result<f64> {
     let server = Server::start(server_netns, server_ip)?;
     let result = run(
         Command::new("ip")
             .args(["netns", "exec", client_netns, "iperf3", "-J", "-p", PORT])
-            .args(["--connect-timeout", "3000", "-t", &secs.to_string(), "-c"])
+            .args(["--connect-timeout", "3000", "-t", &secs.to_string()])
+            .args(["-P", &streams.to_string(), "-c"])
             .arg(server_ip.to_string()),
         Duration::from_secs(u64::from(secs)) + CLIENT_SLACK,
     );

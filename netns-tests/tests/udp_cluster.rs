@@ -1,0 +1,320 @@
+//! flanneld with the `udp` backend on an `ip netns` cluster: flannel0 as
+//! flannel makes it, cross-node reachability, a 200 MB TCP transfer with a
+//! matching checksum, the MTU edge, ICMP net-unreachable, a spoofed datagram
+//! dropped, and peers joining and leaving while traffic flows.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use netns_tests::{Cluster, ClusterSpec, Container, Node, require_root, run, wait_for};
+
+const UDP_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
+
+fn udp_cluster(nodes: usize) -> Cluster {
+    require_root().unwrap();
+    Cluster::start(ClusterSpec {
+        nodes,
+        config: UDP_CONFIG.to_owned(),
+        ..ClusterSpec::default()
+    })
+    .unwrap()
+}
+
+fn wait_reachable(cluster: &Cluster, a: &Container, b: &Container) {
+    let ok = wait_for(
+        &format!("{} -> {}", a.ip(), b.ip()),
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || a.ping(b.ip(), 1).is_ok_and(|s| s.all_received()),
+    );
+    assert!(
+        ok.is_ok(),
+        "{} cannot reach {}\n{}",
+        a.ip(),
+        b.ip(),
+        cluster.diagnostics()
+    );
+}
+
+fn sh(c: &Container, script: &str) -> std::process::Output {
+    c.exec(["sh", "-c", script]).unwrap()
+}
+
+#[test]
+fn flannel0_is_configured_as_flannel_does_and_containers_reach_each_other() {
+    let cluster = udp_cluster(3);
+    for node in cluster.nodes() {
+        let env = node.wait_subnet_env(Duration::from_secs(30)).unwrap();
+        assert_eq!(env.mtu, Some(1472), "underlay 1500 - 28");
+        let link = node
+            .exec_ok(["ip", "-d", "link", "show", "flannel0"])
+            .unwrap();
+        assert!(link.contains("mtu 1472") && link.contains("tun"), "{link}");
+        let subnet = env.subnet_network().unwrap();
+        let addr = node
+            .exec_ok(["ip", "-4", "-o", "addr", "show", "flannel0"])
+            .unwrap();
+        assert!(addr.contains(&format!("{}/32", subnet.network())), "{addr}");
+        let route = node
+            .exec_ok(["ip", "route", "show", "10.244.0.0/16"])
+            .unwrap();
+        assert!(route.contains("dev flannel0"), "{route}");
+    }
+    let containers: Vec<Container> = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.add_container().unwrap())
+        .collect();
+    for a in &containers {
+        for b in &containers {
+            if a != b {
+                wait_reachable(&cluster, a, b);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_200_mb_transfer_arrives_intact() {
+    let cluster = udp_cluster(2);
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    wait_reachable(&cluster, &a, &b);
+    let dir = cluster.dir().join("transfer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("source");
+    let sink = dir.join("sink");
+    run(
+        Command::new("sh").arg("-c").arg(format!(
+            "head -c 200000000 /dev/urandom > {}",
+            source.display()
+        )),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let mut receiver = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            b.netns(),
+            "timeout",
+            "60",
+            "busybox",
+            "nc",
+            "-l",
+            "-p",
+            "5001",
+        ])
+        .stdout(std::fs::File::create(&sink).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let send = sh(
+        &a,
+        &format!(
+            "timeout 60 bash -c 'cat {} > /dev/tcp/{}/5001'",
+            source.display(),
+            b.ip()
+        ),
+    );
+    let status = receiver.wait().unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        send.status.success(),
+        "{}",
+        String::from_utf8_lossy(&send.stderr)
+    );
+    assert!(
+        status.success() || status.code() == Some(0),
+        "receiver: {status}"
+    );
+    let sum = |p: &std::path::Path| {
+        let out = run(Command::new("sha256sum").arg(p), Duration::from_secs(60)).unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(std::fs::metadata(&sink).unwrap().len(), 200_000_000);
+    assert_eq!(sum(&source), sum(&sink), "the data changed on the way");
+    eprintln!(
+        "200 MB in {elapsed:?} ({:.2} Gbit/s)",
+        1.6 / elapsed.as_secs_f64()
+    );
+}
+
+#[test]
+fn mtu_sized_packets_pass_and_one_byte_more_does_not() {
+    let cluster = udp_cluster(2);
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    wait_reachable(&cluster, &a, &b);
+    // 1472 - 20 (IP) - 8 (ICMP) = 1444 bytes of payload fill the MTU exactly.
+    let fits = sh(&a, &format!("ping -c 2 -W 2 -M do -s 1444 {}", b.ip()));
+    assert!(
+        fits.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fits.stdout)
+    );
+    let over = sh(&a, &format!("ping -c 1 -W 2 -M do -s 1445 {}", b.ip()));
+    assert!(
+        !over.status.success(),
+        "a packet over the MTU must not pass"
+    );
+}
+
+#[test]
+fn an_unknown_subnet_gets_icmp_net_unreachable() {
+    let cluster = udp_cluster(1);
+    let a = cluster.node(0).add_container().unwrap();
+    let out = sh(&a, "ping -c 1 -W 2 10.244.250.9");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("Destination Net Unreachable"),
+        "{text}\n{}",
+        cluster.diagnostics()
+    );
+}
+
+#[test]
+fn a_spoofed_datagram_from_a_non_peer_is_dropped() {
+    let mut cluster = udp_cluster(2);
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    wait_reachable(&cluster, &a, &b);
+    let stranger = cluster.add_node_plain().unwrap().netns().to_owned();
+    // From a namespace on the underlay that is not a peer: a UDP datagram
+    // to node 1's flannel port carrying an ICMP echo from a's address to b.
+    let packet = echo_request(a.ip(), b.ip());
+    let hex: String = packet.iter().map(|b| format!("{b:02x}")).collect();
+    let target = cluster.node(1).underlay_ip();
+    let capture = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            b.netns(),
+            "timeout",
+            "3",
+            "tcpdump",
+            "-n",
+            "-c",
+            "1",
+            "-i",
+            "eth0",
+            "icmp",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let sent = run(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            &stranger,
+            "/usr/bin/python3",
+            "-c",
+            &format!(
+                "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\
+                 .sendto(bytes.fromhex('{hex}'), ('{target}', 8285))"
+            ),
+        ]),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let out = capture.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !seen.contains("ICMP echo request"),
+        "the spoofed packet got through: {seen}"
+    );
+    let log = wait_for(
+        "the drop to be logged",
+        Duration::from_secs(5),
+        Duration::from_millis(200),
+        || cluster.node(1).log_tail(200).contains("unknown_sender"),
+    );
+    assert!(log.is_ok(), "{}", cluster.node(1).log_tail(50));
+}
+
+#[test]
+fn peers_join_and_leave_while_traffic_flows() {
+    let mut cluster = udp_cluster(2);
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    wait_reachable(&cluster, &a, &b);
+    let pinger = {
+        let netns = a.netns().to_owned();
+        let to = b.ip();
+        thread::spawn(move || netns_tests::ping(&netns, to, 100, Duration::from_millis(20)))
+    };
+    cluster.add_node().unwrap();
+    let c = cluster.node(2).add_container().unwrap();
+    wait_reachable(&cluster, &a, &c);
+    wait_reachable(&cluster, &c, &b);
+    leave(&cluster, cluster.node(2));
+    let gone = wait_for(
+        "node 2's lease to leave node 0's peers",
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        || a.ping(c.ip(), 1).is_ok_and(|s| s.received == 0),
+    );
+    assert!(gone.is_ok());
+    let stats = pinger.join().unwrap().unwrap();
+    assert!(
+        stats.all_received(),
+        "a -> b lost packets while a peer came and went: {stats:?}"
+    );
+}
+
+/// A node leaves for good: flanneld stops and its lease is deleted.
+fn leave(cluster: &Cluster, node: &Node) {
+    let env = node.wait_subnet_env(Duration::from_secs(5)).unwrap();
+    let subnet = env.subnet_network().unwrap();
+    node.stop_flanneld();
+    let key = format!(
+        "/coreos.com/network/subnets/{}-{}",
+        subnet.network(),
+        subnet.prefix()
+    );
+    cluster.etcd().etcdctl_ok(["del", &key]).unwrap();
+}
+
+/// An IPv4 ICMP echo request from `src` to `dst`, checksums correct.
+fn echo_request(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![
+        0x45, 0, 0, 28, 0x12, 0x34, 0, 0, 64, 1, 0, 0, // header up to checksum
+    ];
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[8, 0, 0, 0, 0x42, 0x42, 0, 1]);
+    let ip_sum = checksum(&p[..20]);
+    p[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let icmp_sum = checksum(&p[20..]);
+    p[22..24].copy_from_slice(&icmp_sum.to_be_bytes());
+    p
+}
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap_or(0)
+}
