@@ -318,3 +318,42 @@ fn checksum(bytes: &[u8]) -> u16 {
     }
     !u16::try_from(sum).unwrap_or(0)
 }
+
+/// A flanneld restart (SIGTERM, start again) interrupts the userspace data
+/// path for well under a second and keeps the lease.
+#[test]
+fn a_restart_interrupts_traffic_briefly_and_keeps_the_lease() {
+    let cluster = udp_cluster(2);
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    wait_reachable(&cluster, &a, &b);
+    let before = cluster
+        .node(1)
+        .wait_subnet_env(Duration::from_secs(5))
+        .unwrap()
+        .subnet_network();
+    let pinger = {
+        let netns = a.netns().to_owned();
+        let to = b.ip();
+        // 3 s of pings every 10 ms.
+        thread::spawn(move || netns_tests::ping(&netns, to, 300, Duration::from_millis(10)))
+    };
+    thread::sleep(Duration::from_millis(500));
+    let restarted = Instant::now();
+    cluster.node(1).restart_flanneld().unwrap();
+    let took = restarted.elapsed();
+    let stats = pinger.join().unwrap().unwrap();
+    let lost = stats.transmitted - stats.received;
+    eprintln!("restart took {took:?}; {lost} of {} pings lost", stats.transmitted);
+    assert!(
+        lost < 50,
+        "{lost} pings at 10 ms lost: the data path stopped for about {} ms",
+        lost * 10
+    );
+    let after = cluster
+        .node(1)
+        .wait_subnet_env(Duration::from_secs(5))
+        .unwrap()
+        .subnet_network();
+    assert_eq!(after, before, "the restarted node kept its subnet");
+}
