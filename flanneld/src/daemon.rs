@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::firewall::{self, RuleSet};
 use crate::flags::Flags;
-use crate::health::{self, Readiness};
+use crate::health::{self, Metrics, Readiness};
 use crate::iface::{self, Selector};
 
 /// How often the device is checked even without a deletion notification.
@@ -38,9 +38,10 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
     info!(?flags, "starting flanneld {}", env!("CARGO_PKG_VERSION"));
     let stop = stop_on_signals()?;
     let ready = Readiness::default();
+    let metrics = Metrics::default();
     if flags.healthz_port > 0 {
         let addr = SocketAddr::new(flags.healthz_ip, flags.healthz_port);
-        health::serve(addr, ready.clone())
+        health::serve(addr, ready.clone(), metrics.clone())
             .await
             .with_context(|| format!("cannot serve health checks on {addr}"))?;
     }
@@ -90,6 +91,7 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
         };
         let backend =
             UdpBackend::prepare(netlink.clone(), options, tuning, ipv4.network, underlay).await?;
+        metrics.set_udp(backend.counters());
         let attrs = backend.lease_attrs();
         let mtu = backend.mtu();
         setup.serve(backend, attrs, mtu).await

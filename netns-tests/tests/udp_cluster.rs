@@ -1,7 +1,8 @@
 //! flanneld with the `udp` backend on an `ip netns` cluster: flannel0 as
 //! flannel makes it, cross-node reachability, a 200 MB TCP transfer with a
 //! matching checksum, the MTU edge, ICMP net-unreachable, a spoofed datagram
-//! dropped, and peers joining and leaving while traffic flows.
+//! dropped (and counted in the log and `/metrics`), peers joining and leaving
+//! while traffic flows, and a restart.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::Ipv4Addr;
@@ -248,6 +249,18 @@ fn a_spoofed_datagram_from_a_non_peer_is_dropped() {
         || cluster.node(1).log_tail(200).contains("unknown_sender"),
     );
     assert!(log.is_ok(), "{}", cluster.node(1).log_tail(50));
+    let metrics = cluster
+        .node(1)
+        .exec_ok([
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/127.0.0.1/8471 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+        ])
+        .unwrap();
+    assert!(
+        metrics.contains("flannel_udp_dropped_total{reason=\"unknown_sender\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -344,7 +357,10 @@ fn a_restart_interrupts_traffic_briefly_and_keeps_the_lease() {
     let took = restarted.elapsed();
     let stats = pinger.join().unwrap().unwrap();
     let lost = stats.transmitted - stats.received;
-    eprintln!("restart took {took:?}; {lost} of {} pings lost", stats.transmitted);
+    eprintln!(
+        "restart took {took:?}; {lost} of {} pings lost",
+        stats.transmitted
+    );
     assert!(
         lost < 50,
         "{lost} pings at 10 ms lost: the data path stopped for about {} ms",

@@ -10,7 +10,7 @@ use subnet::lease::{Lease, LeaseAttrs};
 use subnet::watch::{LeaseEvent, SharedLease};
 use tracing::{info, warn};
 
-use super::engine::{DEFAULT_BATCH, Engine, EngineConfig};
+use super::engine::{Counters, DEFAULT_BATCH, Engine, EngineConfig};
 use super::options::{DEVICE_NAME, UdpOptions};
 use super::packet::DropReason;
 use super::peers::PeerTable;
@@ -49,6 +49,8 @@ pub struct UdpBackend {
     underlay: Underlay,
     mtu: u32,
     engine: Engine,
+    /// Packet counters, kept across engine restarts.
+    counters: Arc<Counters>,
     index: u32,
     own: Option<Ipv4Network>,
     /// The peers last given, by subnet (for replay and recovery).
@@ -75,7 +77,9 @@ impl UdpBackend {
         underlay: Underlay,
     ) -> Result<Self, BackendError> {
         let mtu = UdpOptions::overlay_mtu(underlay.mtu);
-        let (engine, index) = start_engine(&netlink, &options, tuning, &underlay, mtu).await?;
+        let counters = Arc::new(Counters::default());
+        let (engine, index) =
+            start_engine(&netlink, &options, tuning, &underlay, mtu, &counters).await?;
         Ok(Self {
             netlink,
             options,
@@ -84,6 +88,7 @@ impl UdpBackend {
             underlay,
             mtu,
             engine,
+            counters,
             index,
             own: None,
             peers: Vec::new(),
@@ -102,15 +107,15 @@ impl UdpBackend {
         self.mtu
     }
 
-    /// The engine's packet counters.
-    pub fn engine(&self) -> &Engine {
-        &self.engine
+    /// The packet counters (shared; they survive device recreation).
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
     }
 
     /// Logs the drop counters by reason when they changed since the last
     /// report (called with the daemon's periodic device check).
     fn report_drops(&mut self) {
-        let counters = self.engine.counters();
+        let counters = &self.counters;
         let now: Vec<u64> = DropReason::ALL.iter().map(|r| counters.drops(*r)).collect();
         if now == self.reported {
             return;
@@ -184,6 +189,7 @@ async fn start_engine(
     tuning: UdpTuning,
     underlay: &Underlay,
     mtu: u32,
+    counters: &Arc<Counters>,
 ) -> Result<(Engine, u32), BackendError> {
     let workers = if tuning.workers == 0 {
         std::thread::available_parallelism()
@@ -199,7 +205,8 @@ async fn start_engine(
         workers,
         batch: tuning.batch,
     };
-    let engine = Engine::start(&config).map_err(|e| kernel("start the udp packet loop", e))?;
+    let engine = Engine::start(&config, Arc::clone(counters))
+        .map_err(|e| kernel("start the udp packet loop", e))?;
     let link = netlink
         .link_by_name(engine.tun_name())
         .await
@@ -268,6 +275,7 @@ impl Backend for UdpBackend {
             self.tuning,
             &self.underlay,
             self.mtu,
+            &self.counters,
         )
         .await?;
         // The old engine's workers stop and its queues close here.

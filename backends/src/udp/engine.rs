@@ -59,7 +59,49 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn drop(&self, reason: DropReason) {
+    /// The counters in the Prometheus text format (for `/metrics`).
+    pub fn render_prometheus(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        for (name, help, value) in [
+            (
+                "sent",
+                "Packets read from the TUN and sent to a peer.",
+                &self.sent,
+            ),
+            (
+                "received",
+                "Datagrams from peers written to the TUN.",
+                &self.received,
+            ),
+            (
+                "icmp_unreachable",
+                "ICMP net-unreachable errors written back into the TUN.",
+                &self.icmp_unreachable,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP flannel_udp_{name}_total {help}");
+            let _ = writeln!(out, "# TYPE flannel_udp_{name}_total counter");
+            let _ = writeln!(
+                out,
+                "flannel_udp_{name}_total {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP flannel_udp_dropped_total Packets dropped, by reason.\n");
+        out.push_str("# TYPE flannel_udp_dropped_total counter\n");
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "flannel_udp_dropped_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.drops(reason)
+            );
+        }
+        out
+    }
+
+    fn count_drop(&self, reason: DropReason) {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -77,7 +119,8 @@ struct Shared {
     stop: AtomicBool,
     /// The TUN's own address (`<subnet>.0`), the source of ICMP errors.
     tun_addr: AtomicU32,
-    counters: Counters,
+    /// Kept by the backend across engine restarts.
+    counters: Arc<Counters>,
 }
 
 /// The running packet loop. Dropping it stops and joins the workers (within
@@ -93,7 +136,7 @@ impl Engine {
     /// Creates the TUN device with one queue per worker, binds one socket
     /// per worker and starts the workers. Call it on a thread in the node's
     /// network namespace (the TUN is created in the caller's namespace).
-    pub fn start(config: &EngineConfig) -> io::Result<Self> {
+    pub fn start(config: &EngineConfig, counters: Arc<Counters>) -> io::Result<Self> {
         let workers = config.workers.max(1);
         let options = TunOptions {
             multi_queue: true,
@@ -110,7 +153,7 @@ impl Engine {
             generation: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             tun_addr: AtomicU32::new(0),
-            counters: Counters::default(),
+            counters,
         });
         let buffer = usize::try_from(config.mtu)
             .unwrap_or(usize::MAX)
@@ -269,12 +312,12 @@ impl Worker {
             let info = match packet::parse(packet) {
                 Ok(info) => info,
                 Err(reason) => {
-                    counters.drop(reason);
+                    counters.count_drop(reason);
                     continue;
                 }
             };
             let Some(peer) = self.peers.lookup(info.dst) else {
-                counters.drop(DropReason::NoRoute);
+                counters.count_drop(DropReason::NoRoute);
                 let src = Ipv4Addr::from(self.shared.tun_addr.load(Ordering::Relaxed));
                 if let Some(n) = packet::icmp_net_unreachable(packet, src, &mut self.icmp) {
                     // Best effort, like any ICMP error.
@@ -286,7 +329,7 @@ impl Worker {
             };
             let packet = &mut packet[..info.total_len];
             if let Err(reason) = packet::decrement_ttl(packet) {
-                counters.drop(reason);
+                counters.count_drop(reason);
                 continue;
             }
             self.out.push((i, info.total_len, peer));
@@ -320,14 +363,14 @@ impl Worker {
                 Err(e) => {
                     // This message alone failed (EMSGSIZE, ...): skip it.
                     debug!(error = %e, "sendmmsg refused a packet");
-                    counters.drop(DropReason::SendFailed);
+                    counters.count_drop(DropReason::SendFailed);
                     done += 1;
                 }
             }
         }
         counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
         for _ in done..count {
-            counters.drop(DropReason::SendFailed);
+            counters.count_drop(DropReason::SendFailed);
         }
         Ok(())
     }
@@ -343,11 +386,11 @@ impl Worker {
         };
         for i in 0..n {
             if self.recv.truncated(i) {
-                counters.drop(DropReason::Oversize);
+                counters.count_drop(DropReason::Oversize);
                 continue;
             }
             let Some(from) = self.recv.source(i) else {
-                counters.drop(DropReason::UnknownSender);
+                counters.count_drop(DropReason::UnknownSender);
                 continue;
             };
             let len = self.recv.len(i);
@@ -355,17 +398,17 @@ impl Worker {
             let info = match packet::parse(packet) {
                 Ok(info) => info,
                 Err(reason) => {
-                    counters.drop(reason);
+                    counters.count_drop(reason);
                     continue;
                 }
             };
             if let Err(reason) = self.peers.check_sender(from, info.src) {
-                counters.drop(reason);
+                counters.count_drop(reason);
                 continue;
             }
             let packet = &mut packet[..info.total_len];
             if let Err(reason) = packet::decrement_ttl(packet) {
-                counters.drop(reason);
+                counters.count_drop(reason);
                 continue;
             }
             match self.tun.write(packet) {
@@ -373,7 +416,7 @@ impl Worker {
                     counters.received.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    counters.drop(DropReason::SendFailed);
+                    counters.count_drop(DropReason::SendFailed);
                 }
                 Err(e) => return Err(e),
             }
