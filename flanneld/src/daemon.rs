@@ -88,6 +88,7 @@ pub(crate) async fn run(flags: Flags) -> anyhow::Result<()> {
         let tuning = UdpTuning {
             workers: flags.udp_workers,
             batch: flags.udp_batch,
+            offload: !flags.udp_no_offload,
         };
         let backend =
             UdpBackend::prepare(netlink.clone(), options, tuning, ipv4.network, underlay).await?;

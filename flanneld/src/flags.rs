@@ -104,6 +104,15 @@ pub(crate) struct Flags {
     #[arg(long, env = "FLANNELD_UDP_BATCH", default_value_t = 64, hide = true)]
     pub(crate) udp_batch: usize,
 
+    /// udp backend: do not use TUN/UDP offloads (hidden; for benchmarks).
+    #[arg(
+        long,
+        env = "FLANNELD_UDP_NO_OFFLOAD",
+        default_value_t = false,
+        hide = true
+    )]
+    pub(crate) udp_no_offload: bool,
+
     /// Install masquerade rules for traffic leaving the overlay.
     #[arg(long, env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
     pub(crate) ip_masq: bool,

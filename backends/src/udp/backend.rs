@@ -28,6 +28,8 @@ pub struct UdpTuning {
     pub workers: usize,
     /// Packets per system call.
     pub batch: usize,
+    /// Use TUN and UDP offloads when the kernel has them.
+    pub offload: bool,
 }
 
 impl Default for UdpTuning {
@@ -35,6 +37,7 @@ impl Default for UdpTuning {
         Self {
             workers: 0,
             batch: DEFAULT_BATCH,
+            offload: true,
         }
     }
 }
@@ -204,6 +207,7 @@ async fn start_engine(
         mtu,
         workers,
         batch: tuning.batch,
+        offload: tuning.offload,
     };
     let engine = Engine::start(&config, Arc::clone(counters))
         .map_err(|e| kernel("start the udp packet loop", e))?;

@@ -1,31 +1,27 @@
-//! The packet loop: one worker thread per TUN queue, each with its own UDP
-//! socket on the same port (`SO_REUSEPORT`), moving packets in batches
-//! between the two without copying them: a packet read from the TUN is sent
-//! from the buffer it was read into, and a datagram is written to the TUN
-//! from the buffer it was received into.
+//! The packet loop: one worker thread ([`super::worker`]) per TUN queue,
+//! each with its own UDP socket on the same port (`SO_REUSEPORT`). With
+//! offloads (probed at start: TUN virtio-net headers with TSO, UDP GSO and
+//! GRO) a worker moves 64 KiB super-packets; without, batches of packets.
 //!
 //! The peer table is shared read-mostly: lease events build a new table and
 //! publish it with a generation counter; a worker checks the counter once
 //! per wakeup and takes the new table then, so lookups never take a lock.
 
-use std::io::{self, ErrorKind};
+use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
 
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
-use super::packet::{self, DropReason};
+use super::packet::DropReason;
 use super::peers::PeerTable;
-use super::sys::{self, PollFd, RecvBatch, SendBatch, Tun, TunOptions};
+use super::sys::{self, TUN_F_CSUM, TUN_F_TSO4, Tun, TunOptions};
+use super::worker::Worker;
 
 /// Packets per system call (and per wakeup, per direction) by default.
 pub const DEFAULT_BATCH: usize = 64;
-
-/// How long a worker sleeps in `poll` before it looks at the stop flag.
-const POLL_MS: i32 = 100;
 
 /// Socket buffers asked for (the kernel caps them at `net.core.*mem_max`).
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -43,6 +39,8 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Packets per system call, 1..=[`sys::MAX_BATCH`].
     pub batch: usize,
+    /// Try TUN offloads and UDP GSO/GRO (falls back when unavailable).
+    pub offload: bool,
 }
 
 /// Packet counters, shared by all workers.
@@ -101,7 +99,8 @@ impl Counters {
         out
     }
 
-    fn count_drop(&self, reason: DropReason) {
+    /// Counts one packet dropped for `reason`.
+    pub(super) fn count_drop(&self, reason: DropReason) {
         self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -113,14 +112,17 @@ impl Counters {
 
 /// State shared by the workers and the backend.
 #[derive(Debug)]
-struct Shared {
-    peers: RwLock<Arc<PeerTable>>,
-    generation: AtomicU64,
-    stop: AtomicBool,
+pub(super) struct Shared {
+    /// The current peer table, replaced whole on every change.
+    pub(super) peers: RwLock<Arc<PeerTable>>,
+    /// Bumped after each replacement of `peers`.
+    pub(super) generation: AtomicU64,
+    /// Set when the engine is dropped.
+    pub(super) stop: AtomicBool,
     /// The TUN's own address (`<subnet>.0`), the source of ICMP errors.
-    tun_addr: AtomicU32,
+    pub(super) tun_addr: AtomicU32,
     /// Kept by the backend across engine restarts.
-    counters: Arc<Counters>,
+    pub(super) counters: Arc<Counters>,
 }
 
 /// The running packet loop. Dropping it stops and joins the workers (within
@@ -130,6 +132,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     tun_name: String,
+    offload: bool,
 }
 
 impl Engine {
@@ -138,11 +141,7 @@ impl Engine {
     /// network namespace (the TUN is created in the caller's namespace).
     pub fn start(config: &EngineConfig, counters: Arc<Counters>) -> io::Result<Self> {
         let workers = config.workers.max(1);
-        let options = TunOptions {
-            multi_queue: true,
-            vnet_hdr: false,
-        };
-        let first = Tun::open(&config.tun_name, options)?;
+        let (first, offload) = open_tun(config)?;
         let tun_name = first.name().to_owned();
         let mut queues = vec![first];
         for _ in 1..workers {
@@ -163,17 +162,27 @@ impl Engine {
         for (i, tun) in queues.into_iter().enumerate() {
             let socket = sys::udp_socket(config.bind, true)?;
             sys::set_buffer_sizes(&socket, SOCKET_BUFFER, SOCKET_BUFFER)?;
-            let worker = Worker::new(tun, socket, Arc::clone(&shared), buffer, batch);
+            if offload && let Err(error) = sys::enable_udp_gro(&socket) {
+                warn!(%error, "UDP GRO is not available; receiving datagram by datagram");
+            }
+            let worker = Worker::new(tun, socket, Arc::clone(&shared), offload, batch, buffer);
             let handle = thread::Builder::new()
                 .name(format!("udp-worker-{i}"))
                 .spawn(move || worker.run())?;
             handles.push(handle);
         }
+        info!(offload, workers, batch, "udp packet loop started");
         Ok(Self {
             shared,
             workers: handles,
             tun_name,
+            offload,
         })
+    }
+
+    /// Whether the workers run with offloads (TSO on the TUN, UDP GSO/GRO).
+    pub fn offload(&self) -> bool {
+        self.offload
     }
 
     /// The TUN device's name.
@@ -220,216 +229,36 @@ impl Drop for Engine {
     }
 }
 
-/// One worker: a TUN queue, a socket, and its own buffers.
-struct Worker {
-    tun: Tun,
-    socket: UdpSocket,
-    shared: Arc<Shared>,
-    peers: Arc<PeerTable>,
-    generation: u64,
-    /// One packet buffer per batch slot, reused for both directions.
-    buffers: Vec<Vec<u8>>,
-    /// (buffer index, length, destination) of the packets to send; its
-    /// capacity is kept across batches.
-    out: Vec<(usize, usize, SocketAddrV4)>,
-    /// Where an ICMP error is built.
-    icmp: Vec<u8>,
-    recv: RecvBatch,
-    send: SendBatch,
-}
-
-impl Worker {
-    fn new(tun: Tun, socket: UdpSocket, shared: Arc<Shared>, buffer: usize, batch: usize) -> Self {
-        Self {
-            tun,
-            socket,
-            peers: Arc::new(PeerTable::new()),
-            generation: u64::MAX,
-            shared,
-            buffers: (0..batch).map(|_| vec![0; buffer]).collect(),
-            out: Vec::with_capacity(batch),
-            icmp: vec![0; packet::ICMP_ERROR_MAX_LEN],
-            recv: RecvBatch::new(batch),
-            send: SendBatch::new(batch),
-        }
+/// Opens the first TUN queue: with virtio-net headers and TSO if asked and
+/// possible (UDP GSO must work too, to send what TSO hands us), else plain.
+fn open_tun(config: &EngineConfig) -> io::Result<(Tun, bool)> {
+    let plain = TunOptions {
+        multi_queue: true,
+        vnet_hdr: false,
+    };
+    if !config.offload || !gso_works(config.bind) {
+        return Ok((Tun::open(&config.tun_name, plain)?, false));
     }
-
-    fn run(mut self) {
-        while !self.shared.stop.load(Ordering::Relaxed) {
-            let mut fds = [
-                PollFd::readable(self.tun.as_fd()),
-                PollFd::readable(self.socket.as_fd()),
-            ];
-            match sys::poll(&mut fds, POLL_MS) {
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(error = %e, "udp worker: poll failed; stopping");
-                    return;
-                }
-            }
-            let (tun_ready, socket_ready) = (fds[0].is_readable(), fds[1].is_readable());
-            self.refresh_peers();
-            if tun_ready && let Err(e) = self.tun_to_udp() {
-                warn!(error = %e, "udp worker: TUN to UDP failed");
-                if is_fatal(&e) {
-                    return;
-                }
-            }
-            if socket_ready && let Err(e) = self.udp_to_tun() {
-                warn!(error = %e, "udp worker: UDP to TUN failed");
-                if is_fatal(&e) {
-                    return;
-                }
-            }
+    let tun = Tun::open(
+        &config.tun_name,
+        TunOptions {
+            vnet_hdr: true,
+            ..plain
+        },
+    )?;
+    match tun.set_offload(TUN_F_CSUM | TUN_F_TSO4) {
+        Ok(()) => Ok((tun, true)),
+        Err(error) => {
+            warn!(%error, "TUN offloads are not available; moving packets one by one");
+            // Closing the only queue deletes the device: open it plain.
+            drop(tun);
+            Ok((Tun::open(&config.tun_name, plain)?, false))
         }
-    }
-
-    fn refresh_peers(&mut self) {
-        let generation = self.shared.generation.load(Ordering::Acquire);
-        if generation != self.generation {
-            let table = self
-                .shared
-                .peers
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            self.peers = Arc::clone(&table);
-            self.generation = generation;
-        }
-    }
-
-    /// Reads up to a batch of packets from the TUN and sends each to the
-    /// peer owning its destination, in one `sendmmsg`.
-    fn tun_to_udp(&mut self) -> io::Result<()> {
-        let counters = &self.shared.counters;
-        self.out.clear();
-        for i in 0..self.buffers.len() {
-            let len = match self.tun.read(&mut self.buffers[i]) {
-                Ok(len) => len,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            };
-            let packet = &mut self.buffers[i][..len];
-            let info = match packet::parse(packet) {
-                Ok(info) => info,
-                Err(reason) => {
-                    counters.count_drop(reason);
-                    continue;
-                }
-            };
-            let Some(peer) = self.peers.lookup(info.dst) else {
-                counters.count_drop(DropReason::NoRoute);
-                let src = Ipv4Addr::from(self.shared.tun_addr.load(Ordering::Relaxed));
-                if let Some(n) = packet::icmp_net_unreachable(packet, src, &mut self.icmp) {
-                    // Best effort, like any ICMP error.
-                    if self.tun.write(&self.icmp[..n]).is_ok() {
-                        counters.icmp_unreachable.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                continue;
-            };
-            let packet = &mut packet[..info.total_len];
-            if let Err(reason) = packet::decrement_ttl(packet) {
-                counters.count_drop(reason);
-                continue;
-            }
-            self.out.push((i, info.total_len, peer));
-        }
-        let count = self.out.len();
-        if count == 0 {
-            return Ok(());
-        }
-        let buffers = &self.buffers;
-        let message = |&(i, len, dst): &(usize, usize, SocketAddrV4)| -> sys::SendMsg<'_> {
-            (&buffers[i][..len], dst, None)
-        };
-        // `done`: messages handled (sent or refused); `sent`: sent.
-        let (mut done, mut sent) = (0, 0);
-        while done < count {
-            match self
-                .send
-                .send_from(&self.socket, self.out[done..count].iter().map(message))
-            {
-                Ok(0) => break,
-                Ok(n) => {
-                    done += n;
-                    sent += n;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    // The socket buffer is full: wait for room once, then drop.
-                    if !sys::poll_writable(self.socket.as_fd(), POLL_MS)? {
-                        break;
-                    }
-                }
-                Err(e) => {
-                    // This message alone failed (EMSGSIZE, ...): skip it.
-                    debug!(error = %e, "sendmmsg refused a packet");
-                    counters.count_drop(DropReason::SendFailed);
-                    done += 1;
-                }
-            }
-        }
-        counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
-        for _ in done..count {
-            counters.count_drop(DropReason::SendFailed);
-        }
-        Ok(())
-    }
-
-    /// Receives up to a batch of datagrams in one `recvmmsg` and writes
-    /// each valid inner packet to the TUN.
-    fn udp_to_tun(&mut self) -> io::Result<()> {
-        let counters = &self.shared.counters;
-        let n = match self.recv.recv(&self.socket, &mut self.buffers) {
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        for i in 0..n {
-            if self.recv.truncated(i) {
-                counters.count_drop(DropReason::Oversize);
-                continue;
-            }
-            let Some(from) = self.recv.source(i) else {
-                counters.count_drop(DropReason::UnknownSender);
-                continue;
-            };
-            let len = self.recv.len(i);
-            let packet = &mut self.buffers[i][..len];
-            let info = match packet::parse(packet) {
-                Ok(info) => info,
-                Err(reason) => {
-                    counters.count_drop(reason);
-                    continue;
-                }
-            };
-            if let Err(reason) = self.peers.check_sender(from, info.src) {
-                counters.count_drop(reason);
-                continue;
-            }
-            let packet = &mut packet[..info.total_len];
-            if let Err(reason) = packet::decrement_ttl(packet) {
-                counters.count_drop(reason);
-                continue;
-            }
-            match self.tun.write(packet) {
-                Ok(_) => {
-                    counters.received.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    counters.count_drop(DropReason::SendFailed);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
     }
 }
 
-/// Errors after which a worker cannot go on: its TUN queue was detached
-/// because the device was deleted (the backend recreates it).
-fn is_fatal(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(EBADFD)
+/// Whether UDP GSO works here (probed on a throwaway socket).
+fn gso_works(bind: SocketAddrV4) -> bool {
+    let probe = UdpSocket::bind(SocketAddrV4::new(*bind.ip(), 0));
+    probe.is_ok_and(|s| sys::udp_gso_supported(&s))
 }
-
-/// EBADFD: the TUN device was deleted under its queue.
-const EBADFD: i32 = 77;

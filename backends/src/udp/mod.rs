@@ -3,6 +3,8 @@
 //!
 //! - [`backend`]: [`backend::UdpBackend`], the device and the peer table;
 //! - [`engine`]: the packet loop (worker threads, batches, counters);
+//! - [`offload`]: TUN offloads: super-packets read from the TUN split into
+//!   wire packets for UDP GSO, received segments merged for the TUN (pure);
 //! - [`options`]: the `Backend` keys (`Port`);
 //! - [`packet`]: IPv4 checks, TTL, ICMP unreachable (pure);
 //! - [`peers`]: the peer table, O(1) lookup by destination (pure);
@@ -11,8 +13,10 @@
 
 pub mod backend;
 pub mod engine;
+pub mod offload;
 pub mod options;
 pub mod packet;
 pub mod peers;
 #[allow(unsafe_code)]
 pub mod sys;
+mod worker;

@@ -201,7 +201,7 @@ pub fn decrement_ttl(packet: &mut [u8]) -> Result<(), DropReason> {
     let new_word = u16::from_be_bytes([ttl - 1, h[PROTOCOL_OFF]]);
     let checksum = update_checksum(be16(h, CHECKSUM_OFF), old_word, new_word);
     h[TTL_OFF] = ttl - 1;
-    [h[CHECKSUM_OFF], h[CHECKSUM_OFF + 1]] = checksum.to_be_bytes();
+    put16(h, CHECKSUM_OFF, checksum);
     Ok(())
 }
 
@@ -237,45 +237,23 @@ pub fn icmp_net_unreachable(offending: &[u8], src: Ipv4Addr, out: &mut [u8]) -> 
     let (ip, icmp) = out.split_first_chunk_mut::<MIN_HEADER_LEN>()?;
     let (icmp_header, icmp_payload) = icmp.split_first_chunk_mut::<ICMP_HEADER_LEN>()?;
 
-    let [len_hi, len_lo] = total_len_field.to_be_bytes();
-    let [df_hi, df_lo] = FLAG_DF.to_be_bytes();
-    let [s0, s1, s2, s3] = src.octets();
-    let [d0, d1, d2, d3] = info.src.octets();
-    *ip = [
-        0x45,
-        TOS_INTERNETWORK_CONTROL,
-        len_hi,
-        len_lo,
-        0,
-        0,
-        df_hi,
-        df_lo,
-        ICMP_ERROR_TTL,
-        IPPROTO_ICMP,
-        0,
-        0,
-        s0,
-        s1,
-        s2,
-        s3,
-        d0,
-        d1,
-        d2,
-        d3,
-    ];
-    [ip[CHECKSUM_OFF], ip[CHECKSUM_OFF + 1]] = internet_checksum(ip).to_be_bytes();
+    *ip = [0; MIN_HEADER_LEN];
+    ip[0] = 0x45;
+    ip[1] = TOS_INTERNETWORK_CONTROL;
+    put16(ip, TOTAL_LEN_OFF, total_len_field);
+    put16(ip, FRAG_OFF, FLAG_DF);
+    ip[TTL_OFF] = ICMP_ERROR_TTL;
+    ip[PROTOCOL_OFF] = IPPROTO_ICMP;
+    put_addr(ip, SRC_OFF, src);
+    put_addr(ip, DST_OFF, info.src);
+    let ip_checksum = internet_checksum(ip);
+    put16(ip, CHECKSUM_OFF, ip_checksum);
 
-    // The 4 bytes after the checksum are unused for code 0 (RFC 792).
-    *icmp_header = [
-        ICMP_DEST_UNREACHABLE,
-        ICMP_CODE_NET_UNREACHABLE,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ];
+    // Checksum 0 until computed; the 4 bytes after it are unused for code 0
+    // (RFC 792).
+    *icmp_header = [0; ICMP_HEADER_LEN];
+    icmp_header[0] = ICMP_DEST_UNREACHABLE;
+    icmp_header[1] = ICMP_CODE_NET_UNREACHABLE;
     // Same length by construction: total_len was sized from `quoted`.
     icmp_payload.copy_from_slice(quoted);
     let [c0, c1] = internet_checksum(icmp).to_be_bytes();
@@ -333,6 +311,14 @@ fn be16(h: &[u8; MIN_HEADER_LEN], off: usize) -> u16 {
 
 fn addr_at(h: &[u8; MIN_HEADER_LEN], off: usize) -> Ipv4Addr {
     Ipv4Addr::new(h[off], h[off + 1], h[off + 2], h[off + 3])
+}
+
+fn put16(h: &mut [u8; MIN_HEADER_LEN], off: usize, value: u16) {
+    [h[off], h[off + 1]] = value.to_be_bytes();
+}
+
+fn put_addr(h: &mut [u8; MIN_HEADER_LEN], off: usize, addr: Ipv4Addr) {
+    [h[off], h[off + 1], h[off + 2], h[off + 3]] = addr.octets();
 }
 
 /// ICMP types that are error messages (RFC 1122 3.2.2): never answered.

@@ -59,7 +59,7 @@ impl PeerTable {
     pub fn upsert(&mut self, subnet: Ipv4Network, addr: SocketAddrV4) {
         let subnet = normalize(subnet);
         let prefix = subnet.prefix();
-        let i = match self.by_prefix.binary_search_by(|m| prefix.cmp(&m.prefix)) {
+        let i = match self.position(prefix) {
             Ok(i) => i,
             Err(i) => {
                 let map = PrefixMap {
@@ -90,10 +90,7 @@ impl PeerTable {
     /// Removes the peer for `subnet` (host bits ignored); whether there was one.
     pub fn remove(&mut self, subnet: Ipv4Network) -> bool {
         let subnet = normalize(subnet);
-        let Ok(i) = self
-            .by_prefix
-            .binary_search_by(|m| subnet.prefix().cmp(&m.prefix))
-        else {
+        let Ok(i) = self.position(subnet.prefix()) else {
             return false;
         };
         let Some(map) = self.by_prefix.get_mut(i) else {
@@ -179,6 +176,12 @@ impl PeerTable {
         self.by_prefix
             .iter()
             .flat_map(|m| m.peers.values().copied())
+    }
+
+    /// Where the map for `prefix` is (`Ok`) or belongs (`Err`) in
+    /// `by_prefix`, which is sorted longest first: hence the reversed compare.
+    fn position(&self, prefix: u8) -> Result<usize, usize> {
+        self.by_prefix.binary_search_by(|m| prefix.cmp(&m.prefix))
     }
 
     /// Forgets that `old.addr` serves `old.subnet`.

@@ -329,7 +329,7 @@ fn section_f(summary: &mut Vec<String>, failed: &mut Vec<String>) {
             );
         }
     }
-    let [udp, vxlan, naive] = &paths[..] else {
+    let [udp, vxlan, naive, ..] = &paths[..] else {
         return;
     };
     for (i, streams) in udp::STREAMS.iter().enumerate() {

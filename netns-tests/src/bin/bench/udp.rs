@@ -1,7 +1,8 @@
 //! Section f: container-to-container TCP over our `udp` backend, over our
 //! VXLAN backend (the kernel path), and over the udp backend reduced to one
 //! worker moving one packet per system call (the naive loop flannel's udp
-//! backend is), with 1 and 4 streams; and the whole machine's CPU seconds
+//! backend is), and over the udp backend without offloads, with 1 and 4
+//! streams; and the whole machine's CPU seconds
 //! per GB moved (from `/proc/stat`).
 
 use std::time::Duration;
@@ -27,13 +28,18 @@ pub(crate) struct PathFigures {
 
 /// Runs section f.
 pub(crate) fn run() -> Result<Vec<PathFigures>> {
-    let paths: [(&'static str, &str, &[&str]); 3] = [
+    let paths: [(&'static str, &str, &[&str]); 4] = [
         ("udp (ours)", UDP_CONFIG, &[]),
         ("vxlan (ours, kernel)", DEFAULT_NETWORK_CONFIG, &[]),
         (
             "naive udp (1 worker, 1 packet/syscall)",
             UDP_CONFIG,
-            &["--udp-workers=1", "--udp-batch=1"],
+            &["--udp-workers=1", "--udp-batch=1", "--udp-no-offload"],
+        ),
+        (
+            "udp without offloads (batched)",
+            UDP_CONFIG,
+            &["--udp-no-offload"],
         ),
     ];
     let mut out = Vec::new();
