@@ -2,7 +2,7 @@
 //! flannel makes it, cross-node reachability, a 200 MB TCP transfer with a
 //! matching checksum, the MTU edge, ICMP net-unreachable, a spoofed datagram
 //! dropped (and counted in the log and `/metrics`), peers joining and leaving
-//! while traffic flows, and a restart.
+//! while traffic flows, a restart, and a hand-made flannel (Go) udp node.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::Ipv4Addr;
@@ -372,4 +372,83 @@ fn a_restart_interrupts_traffic_briefly_and_keeps_the_lease() {
         .unwrap()
         .subnet_network();
     assert_eq!(after, before, "the restarted node kept its subnet");
+}
+
+/// A node that speaks flannel (Go)'s udp wire format, made by hand: its
+/// lease is exactly what flannel writes for udp (no BackendType), and it
+/// exchanges bare IPv4 packets in UDP datagrams on port 8285 with ours.
+#[test]
+fn a_flannel_go_udp_node_talks_to_ours() {
+    let mut cluster = udp_cluster(1);
+    let ours = cluster.node(0).add_container().unwrap();
+    let go = cluster.add_node_plain().unwrap().netns().to_owned();
+    let go_ip = cluster.node(1).underlay_ip();
+    let our_ip = cluster.node(0).underlay_ip();
+    // Exactly what flannel v0.28's udp backend writes.
+    let value = format!(r#"{{"PublicIP":"{go_ip}","PublicIPv6":null}}"#);
+    let lease_id = cluster.etcd().grant_lease(600).unwrap();
+    cluster
+        .etcd()
+        .etcdctl_ok([
+            "put",
+            "--lease",
+            lease_id.as_str(),
+            "/coreos.com/network/subnets/10.244.200.0-24",
+            value.as_str(),
+        ])
+        .unwrap();
+    // The "Go node": sends an echo request from 10.244.200.5 to our
+    // container in a bare UDP datagram and waits for the bare reply.
+    let request: String = echo_request(Ipv4Addr::new(10, 244, 200, 5), ours.ip())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let script = format!(
+        "import socket, sys\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.bind(('{go_ip}', 8285))\n\
+         s.settimeout(1.0)\n\
+         for attempt in range(20):\n\
+         \x20   s.sendto(bytes.fromhex('{request}'), ('{our_ip}', 8285))\n\
+         \x20   try:\n\
+         \x20       data, peer = s.recvfrom(65535)\n\
+         \x20   except socket.timeout:\n\
+         \x20       continue\n\
+         \x20   print(peer[0], peer[1], data.hex())\n\
+         \x20   sys.exit(0)\n\
+         sys.exit(1)\n"
+    );
+    let out = run(
+        Command::new("ip").args(["netns", "exec", &go, "/usr/bin/python3", "-c", &script]),
+        Duration::from_secs(40),
+    )
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "no reply from our node: {text} {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.diagnostics()
+    );
+    let mut fields = text.split_whitespace();
+    assert_eq!(
+        fields.next(),
+        Some(our_ip.to_string().as_str()),
+        "reply from our underlay IP"
+    );
+    assert_eq!(fields.next(), Some("8285"), "reply from flannel's port");
+    let reply: Vec<u8> = fields
+        .next()
+        .unwrap()
+        .as_bytes()
+        .chunks(2)
+        .map(|h| u8::from_str_radix(std::str::from_utf8(h).unwrap(), 16).unwrap())
+        .collect();
+    // A bare IPv4 packet: an echo reply from our container to the Go node's
+    // container, TTL decremented by our node on the way out.
+    assert_eq!(reply[0], 0x45, "an IPv4 header with no prefix");
+    assert_eq!(&reply[12..16], &ours.ip().octets());
+    assert_eq!(&reply[16..20], &[10, 244, 200, 5]);
+    assert_eq!(reply[9], 1, "ICMP");
+    assert_eq!(reply[20], 0, "echo reply");
 }
