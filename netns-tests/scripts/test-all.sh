@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs all checks and tests of the workspace: setup, fmt, clippy, tests (nextest if present),
-# doc tests. Must run as root: the cluster tests create network namespaces.
+# Runs all checks and tests of the workspace: setup, fmt, clippy, a bounded fuzz run, doc tests,
+# tests (nextest if present). Must run as root: the cluster tests create network namespaces.
 set -euo pipefail
 
 SCRIPT_NAME=test-all.sh
@@ -29,6 +29,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The cluster tests run the real binaries from target/debug.
 step "cargo build --workspace --bins --locked"
 cargo build --workspace --bins --locked
+
+# The udp backend's receive path under libFuzzer for a bounded time (its own small crate;
+# installs cargo-fuzz from crates.io the first time).
+step "fuzz: backends/fuzz/run.sh 30"
+timeout 1200 bash backends/fuzz/run.sh 30
 
 # Doc tests first: nextest does not run them, and the test runner's summary
 # should be the last thing this script prints.
