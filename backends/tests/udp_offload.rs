@@ -13,13 +13,13 @@
 //! namespaces are deleted by drop guards.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::File;
+mod common;
+
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Once, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use backends::udp::sys::{
     self, PollFd, SendBatch, TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6, Tun, TunOptions,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
 };
-use nix::sched::{CloneFlags, setns};
+use common::{Ns, NsGuard};
 
 const PREFIX: &str = "fuo";
 const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -37,121 +37,31 @@ const PORT: u16 = 5201;
 const TRANSFER: usize = 8 << 20;
 const DEADLINE: Duration = Duration::from_secs(60);
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-static SWEEP: Once = Once::new();
-
 // ---------------------------------------------------------------------------
-// Namespace harness (as in udp_sys.rs, with its own prefix).
+// Namespace harness (see `common`).
 
-/// A test namespace; deleted when dropped.
-#[derive(Debug)]
-struct Ns {
-    name: String,
-}
-
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("timeout")
-            .args(["10", "ip", "netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Runs `program args` under `timeout 10`, panicking with its stderr if it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new("timeout")
-        .arg("10")
-        .arg(program)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {} failed ({}): {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn effective_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
-/// Deletes namespaces of earlier runs whose process is gone.
-fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('x').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("timeout")
-                .args(["10", "ip", "netns", "del", &name])
-                .status();
-        }
-    }
-}
-
-impl Ns {
-    fn create() -> Ns {
-        assert_eq!(
-            effective_uid(),
-            0,
-            "the udp offload kernel tests need root (network namespaces, TUN); run them as root"
-        );
-        SWEEP.call_once(sweep_stale);
-        let name = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Ns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-}
-
-/// Moves the calling thread into the namespace at `path`.
-fn enter(path: &str) {
-    let file = File::open(path).unwrap();
-    setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+/// Makes a fresh namespace `fuo<pid>x<n>` with loopback up; deleted when the
+/// guard drops.
+fn new_ns() -> (Ns, NsGuard) {
+    Ns::create(
+        PREFIX,
+        "the udp offload kernel tests need root (network namespaces, TUN); run them as root",
+    )
 }
 
 /// Opens an offloading TUN in each namespace (on a thread that visits both,
 /// so the test's own threads stay in the root namespace).
 fn open_tuns(a: &Ns, b: &Ns, offloads: u32) -> (Tun, Tun) {
-    let (pa, pb) = (a.path(), b.path());
+    let (a, b) = (a.clone(), b.clone());
     thread::spawn(move || {
         let opts = TunOptions {
             multi_queue: false,
             vnet_hdr: true,
         };
-        enter(&pa);
+        a.enter();
         let ta = Tun::open("fo%d", opts).unwrap();
         ta.set_offload(offloads).unwrap();
-        enter(&pb);
+        b.enter();
         let tb = Tun::open("fo%d", opts).unwrap();
         tb.set_offload(offloads).unwrap();
         (ta, tb)
@@ -350,10 +260,10 @@ fn pattern(i: usize) -> u8 {
     u8::try_from((i * 7 + i / 4099) % 251).unwrap()
 }
 
-/// Accepts one connection on ADDR_B:PORT in namespace `path` and reads it to
+/// Accepts one connection on ADDR_B:PORT in namespace `ns` and reads it to
 /// the end, checking every byte against the pattern; returns the count.
-fn serve(path: &str, ready: &mpsc::Sender<()>) -> usize {
-    enter(path);
+fn serve(ns: &Ns, ready: &mpsc::Sender<()>) -> usize {
+    ns.enter();
     let listener = TcpListener::bind(SocketAddrV4::new(ADDR_B, PORT)).unwrap();
     listener.set_nonblocking(true).unwrap();
     ready.send(()).unwrap();
@@ -387,9 +297,9 @@ fn serve(path: &str, ready: &mpsc::Sender<()>) -> usize {
     got
 }
 
-/// Connects from namespace `path` to ADDR_B:PORT and sends TRANSFER bytes.
-fn send(path: &str) {
-    enter(path);
+/// Connects from namespace `ns` to ADDR_B:PORT and sends TRANSFER bytes.
+fn send(ns: &Ns) {
+    ns.enter();
     let to = SocketAddr::V4(SocketAddrV4::new(ADDR_B, PORT));
     let mut conn = TcpStream::connect_timeout(&to, Duration::from_secs(10)).unwrap();
     conn.set_write_timeout(Some(Duration::from_secs(10)))
@@ -409,18 +319,18 @@ fn send(path: &str) {
 /// Two namespaces with an offloading TUN each, addressed and routed to
 /// each other, and a forwarder between the TUNs (stopped with `stop`).
 struct Pair {
-    _a: Ns,
-    _b: Ns,
-    a_path: String,
-    b_path: String,
+    _a_guard: NsGuard,
+    _b_guard: NsGuard,
+    a: Ns,
+    b: Ns,
     stop: Arc<AtomicBool>,
     forwarder: thread::JoinHandle<Stats>,
 }
 
 impl Pair {
     fn new(offloads: u32, mode: WriteMode) -> Pair {
-        let a = Ns::create();
-        let b = Ns::create();
+        let (a, a_guard) = new_ns();
+        let (b, b_guard) = new_ns();
         let (ta, tb) = open_tuns(&a, &b, offloads);
         let (na, nb) = (ta.name().to_owned(), tb.name().to_owned());
         a.ip(&["addr", "add", &format!("{ADDR_A}/32"), "dev", &na]);
@@ -435,10 +345,10 @@ impl Pair {
             thread::spawn(move || forward(ta, tb, mode, &stop))
         };
         Pair {
-            a_path: a.path(),
-            b_path: b.path(),
-            _a: a,
-            _b: b,
+            _a_guard: a_guard,
+            _b_guard: b_guard,
+            a,
+            b,
             stop,
             forwarder,
         }
@@ -455,13 +365,13 @@ fn transfer_through_forwarder(mode: WriteMode) -> Stats {
     let pair = Pair::new(TUN_F_CSUM | TUN_F_TSO4, mode);
     let (ready_tx, ready_rx) = mpsc::channel();
     let server = {
-        let path = pair.b_path.clone();
-        thread::spawn(move || serve(&path, &ready_tx))
+        let ns = pair.b.clone();
+        thread::spawn(move || serve(&ns, &ready_tx))
     };
     ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
     let client = {
-        let path = pair.a_path.clone();
-        thread::spawn(move || send(&path))
+        let ns = pair.a.clone();
+        thread::spawn(move || send(&ns))
     };
     let (done_tx, done_rx) = mpsc::channel();
     let waiter = thread::spawn(move || {
@@ -516,12 +426,12 @@ fn uso_split_delivers_udp_datagrams() {
         TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4 | TUN_F_USO6,
         WriteMode::NeedsCsum,
     );
-    let (a_path, b_path) = (pair.a_path.clone(), pair.b_path.clone());
+    let (a, b) = (pair.a.clone(), pair.b.clone());
     let received = thread::spawn(move || {
-        enter(&b_path);
+        b.enter();
         let rx = sys::udp_socket(SocketAddrV4::new(ADDR_B, PORT), false).unwrap();
         let sender = thread::spawn(move || {
-            enter(&a_path);
+            a.enter();
             let tx = sys::udp_socket(SocketAddrV4::new(ADDR_A, 0), false).unwrap();
             let train: Vec<u8> = (0..12_000).map(pattern).collect();
             let mut batch = SendBatch::new(1);

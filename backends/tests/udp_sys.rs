@@ -9,14 +9,12 @@
 //! namespace. Every wait has a deadline.
 #![allow(clippy::unwrap_used)]
 
-use std::fs::File;
+mod common;
+
 use std::io::{ErrorKind, IoSlice};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::process::{Command, Stdio};
-use std::sync::Once;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use backends::udp::sys::{
@@ -24,8 +22,8 @@ use backends::udp::sys::{
     TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6, Tun, TunOptions,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN,
 };
+use common::{Ns, NsGuard};
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
-use nix::sched::{CloneFlags, setns};
 
 const PREFIX: &str = "fus";
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -33,117 +31,19 @@ const TUN_ADDR: Ipv4Addr = Ipv4Addr::new(10, 244, 9, 0);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 244, 8, 5);
 const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-static SWEEP: Once = Once::new();
-
 // ---------------------------------------------------------------------------
-// Namespace harness.
+// Namespace harness (see `common`).
 
-/// A test namespace, by name.
-#[derive(Debug, Clone)]
-struct Ns {
-    name: String,
-}
-
-/// Deletes the namespace when the test ends, however it ends.
-#[derive(Debug)]
-struct NsGuard(Ns);
-
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("timeout")
-            .args(["10", "ip", "netns", "del", &self.0.name])
-            .status();
-    }
-}
-
-/// Runs `program args` under `timeout 10`, panicking with its stderr if it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new("timeout")
-        .arg("10")
-        .arg(program)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {} failed ({}): {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn effective_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
-/// Deletes namespaces of earlier runs whose process is gone (never those of
-/// tests running now in other processes).
-fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('x').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("timeout")
-                .args(["10", "ip", "netns", "del", &name])
-                .status();
-        }
-    }
+/// Makes a fresh namespace `fus<pid>x<n>` with loopback up; deleted when the
+/// guard drops.
+fn new_ns() -> (Ns, NsGuard) {
+    Ns::create(
+        PREFIX,
+        "the udp sys kernel tests need root (network namespaces, TUN); run them as root",
+    )
 }
 
 impl Ns {
-    /// Makes a fresh namespace with loopback up; deleted when the guard drops.
-    fn create() -> (Ns, NsGuard) {
-        assert_eq!(
-            effective_uid(),
-            0,
-            "the udp sys kernel tests need root (network namespaces, TUN); run them as root"
-        );
-        SWEEP.call_once(sweep_stale);
-        let ns = Ns {
-            name: format!(
-                "{PREFIX}{}x{}",
-                std::process::id(),
-                COUNTER.fetch_add(1, Ordering::SeqCst)
-            ),
-        };
-        run("ip", &["netns", "add", &ns.name]);
-        let guard = NsGuard(ns.clone());
-        ns.ip(&["link", "set", "lo", "up"]);
-        (ns, guard)
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// Moves the calling thread into this namespace.
-    fn enter(&self) {
-        let file = File::open(format!("/run/netns/{}", self.name)).unwrap();
-        setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
-    }
-
     /// Whether a link of that name exists in the namespace.
     fn has_link(&self, name: &str) -> bool {
         Command::new("timeout")
@@ -169,28 +69,8 @@ fn with_netns<F>(body: F)
 where
     F: FnOnce(Ns) + Send + 'static,
 {
-    let (ns, guard) = Ns::create();
-    let thread_ns = ns.clone();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let handle = std::thread::spawn(move || {
-        // Signals the end however the body ends (the sender drops on unwind).
-        let _done = done_tx;
-        // Only this thread moves; the test harness's threads stay where they are.
-        thread_ns.enter();
-        body(thread_ns);
-    });
-    match done_rx.recv_timeout(BODY_TIMEOUT) {
-        Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {}
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            drop(guard);
-            panic!("the test body timed out after {BODY_TIMEOUT:?}");
-        }
-    }
-    let outcome = handle.join();
-    drop(guard);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    let (_, guard) = new_ns();
+    guard.run_inside(Some(BODY_TIMEOUT), body);
 }
 
 // ---------------------------------------------------------------------------
@@ -467,7 +347,7 @@ fn libc_ebusy() -> i32 {
 
 #[test]
 fn tun_multi_queue_spreads_flows_over_queues() {
-    let (other, _other_guard) = Ns::create();
+    let (other, _other_guard) = new_ns();
     with_netns(move |ns| {
         let opts = TunOptions {
             multi_queue: true,

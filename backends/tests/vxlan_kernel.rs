@@ -8,109 +8,28 @@
 //! namespace's links; the namespace is deleted by a drop guard.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::process::Command;
-use std::sync::Once;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use backends::vxlan::netlink::{self, Netlink, NetlinkError, VxlanDevice, VxlanDeviceSpec};
 use backends::vxlan::plan::{KernelState, NetOp, OwnedRoute};
+use common::{Ns, run};
 use ipnetwork::Ipv4Network;
-use nix::sched::{CloneFlags, setns};
 use subnet::lease::MacAddr;
 
+const PREFIX: &str = "fvx";
 const UNDERLAY_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 200, 1);
 const BODY_TIMEOUT: Duration = Duration::from_secs(120);
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-static SWEEP: Once = Once::new();
-
-/// A test namespace (just its name: cheap to move into the test thread).
-#[derive(Debug, Clone)]
-struct Ns {
-    name: String,
-}
-
-/// Deletes the namespace when the test ends, however it ends.
-#[derive(Debug)]
-struct NsGuard(Ns);
-
-impl Drop for NsGuard {
-    fn drop(&mut self) {
-        let _ = Command::new("timeout")
-            .args(["10", "ip", "netns", "del", &self.0.name])
-            .status();
-    }
-}
-
-/// Runs `program args` under `timeout 10`, panicking with its stderr if it fails.
-fn run(program: &str, args: &[&str]) -> String {
-    let output = Command::new("timeout")
-        .arg("10")
-        .arg(program)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{program} {} failed ({}): {}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn effective_uid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
-}
-
-/// Deletes namespaces of earlier runs whose process is gone (never those of
-/// tests running now in other processes).
-fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("fvx")
-            .and_then(|rest| rest.split('x').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("timeout")
-                .args(["10", "ip", "netns", "del", &name])
-                .status();
-        }
-    }
-}
-
 impl Ns {
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
     fn bridge(&self, args: &[&str]) -> String {
         let mut all = vec!["-n", &self.name];
         all.extend_from_slice(args);
         run("bridge", &all)
-    }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        run("ip", &all)
     }
 
     fn index(&self, link: &str) -> u32 {
@@ -147,47 +66,25 @@ where
     F: FnOnce(Ns) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    assert_eq!(
-        effective_uid(),
-        0,
-        "the VXLAN kernel tests need root (network namespaces, links); run them as root"
+    let (ns, guard) = Ns::create(
+        PREFIX,
+        "the VXLAN kernel tests need root (network namespaces, links); run them as root",
     );
-    SWEEP.call_once(sweep_stale);
-    let ns = Ns {
-        name: format!(
-            "fvx{}x{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ),
-    };
-    run("ip", &["netns", "add", &ns.name]);
-    let guard = NsGuard(ns.clone());
     ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"]);
     ns.ip(&["addr", "add", "198.18.200.1/24", "dev", "u0"]);
     ns.ip(&["link", "set", "u0", "up"]);
     ns.ip(&["link", "set", "u1", "up"]);
-    ns.ip(&["link", "set", "lo", "up"]);
-    let path = format!("/run/netns/{}", ns.name);
-    let thread_ns = ns.clone();
-    let outcome = std::thread::spawn(move || {
-        // Only this thread moves; the test harness's threads stay where they are.
-        let file = File::open(&path).unwrap();
-        setns(&file, CloneFlags::CLONE_NEWNET).unwrap();
+    guard.run_inside(None, move |ns| {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async move {
-            tokio::time::timeout(BODY_TIMEOUT, body(thread_ns))
+            tokio::time::timeout(BODY_TIMEOUT, body(ns))
                 .await
                 .expect("the test body timed out");
         });
-    })
-    .join();
-    drop(guard);
-    if let Err(panic) = outcome {
-        std::panic::resume_unwind(panic);
-    }
+    });
 }
 
 fn spec(ns: &Ns) -> VxlanDeviceSpec {

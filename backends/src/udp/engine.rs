@@ -158,26 +158,28 @@ impl Engine {
             .unwrap_or(usize::MAX)
             .clamp(1500, 65535);
         let batch = config.batch.clamp(1, sys::MAX_BATCH);
-        let mut handles = Vec::with_capacity(workers);
+        // Built first, so a failure below stops the workers already started.
+        let mut engine = Self {
+            shared,
+            workers: Vec::with_capacity(workers),
+            tun_name,
+            offload,
+        };
         for (i, tun) in queues.into_iter().enumerate() {
             let socket = sys::udp_socket(config.bind, true)?;
             sys::set_buffer_sizes(&socket, SOCKET_BUFFER, SOCKET_BUFFER)?;
             if offload && let Err(error) = sys::enable_udp_gro(&socket) {
                 warn!(%error, "UDP GRO is not available; receiving datagram by datagram");
             }
-            let worker = Worker::new(tun, socket, Arc::clone(&shared), offload, batch, buffer);
+            let shared = Arc::clone(&engine.shared);
+            let worker = Worker::new(tun, socket, shared, offload, batch, buffer);
             let handle = thread::Builder::new()
                 .name(format!("udp-worker-{i}"))
                 .spawn(move || worker.run())?;
-            handles.push(handle);
+            engine.workers.push(handle);
         }
         info!(offload, workers, batch, "udp packet loop started");
-        Ok(Self {
-            shared,
-            workers: handles,
-            tun_name,
-            offload,
-        })
+        Ok(engine)
     }
 
     /// Whether the workers run with offloads (TSO on the TUN, UDP GSO/GRO).
