@@ -1,4 +1,4 @@
-//! The packet loop: one worker thread ([`super::worker`]) per TUN queue,
+//! The packet loop: one worker thread (module `worker`) per TUN queue,
 //! each with its own UDP socket on the same port (`SO_REUSEPORT`). With
 //! offloads (probed at start: TUN virtio-net headers with TSO, UDP GSO and
 //! GRO) a worker moves 64 KiB super-packets; without, batches of packets.

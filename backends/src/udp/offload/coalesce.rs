@@ -1,0 +1,557 @@
+//! Network -> TUN: consecutive TCP segments merged back into super-packets
+//! for one TUN write each (see the parent module).
+
+use super::{
+    IP_ADDRS, IP_CHECKSUM, IP_DF_BYTE, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOS, IP_TOTAL_LEN, IP_TTL,
+    IPPROTO_TCP, MAX_PACKET, TCP_CHECKSUM_OFF, TCP_CWR, TCP_DATA_OFF, TCP_FIN, TCP_FLAGS,
+    TCP_MIN_HEADER_LEN, TCP_PSH, TCP_RST, TCP_SEQ, TCP_SYN, TCP_URG, VNET_HDR_NONE, VnetHdr, be16,
+    be32, finish_ip, fold, l4_valid, put16, sum_be,
+};
+use crate::udp::packet::{self, MIN_HEADER_LEN};
+use crate::udp::sys::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN};
+
+/// One TCP segment that may be merged, as [`candidate`] found it.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    total: usize,
+    tcp_hl: usize,
+    payload: usize,
+    seq: u32,
+    id: u16,
+    psh: bool,
+}
+
+/// The merge state of the pending super-packet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    /// IPv4 total length so far.
+    total: usize,
+    tcp_hl: usize,
+    /// Payload of the first segment: the `gso_size`.
+    gso_size: usize,
+    segments: usize,
+    next_seq: u32,
+    next_id: u16,
+    /// A short or PSH segment ended it: nothing more may follow.
+    closed: bool,
+}
+
+/// Merges runs of consecutive TCP segments of one flow into TCPv4
+/// super-packets for one TUN write each (the receive side of the offload,
+/// what the kernel's GRO does for a NIC).
+///
+/// Feed it the inner IPv4 packets of a receive batch in order with
+/// [`Coalescer::push`] and end the batch with [`Coalescer::flush`]; both call
+/// `emit(vnet_hdr, packet)` for every TUN write that is ready (write the two
+/// slices with one `writev`). A segment joins the pending super-packet when
+/// it is the same flow (addresses, ports), the IPv4 header has no options,
+/// the same TOS, TTL and DF, and the next ID; the TCP header has the next
+/// sequence number, the same length, acknowledgment number, window, urgent
+/// pointer, options and flags (PSH may come on the last segment, which
+/// ends the super-packet); it carries data, no more than the first segment
+/// (a shorter one ends the super-packet); its IPv4 and TCP checksums verify;
+/// and the result stays within 65535 bytes. SYN, FIN, RST, URG or CWR
+/// segments, fragments, other protocols and anything that does not parse are
+/// passed on alone, unchanged, behind [`VNET_HDR_NONE`] (without a copy
+/// when not TCP), as is a run of one.
+///
+/// Limits: only *consecutive* segments merge (flows interleaved packet by
+/// packet are not); TCP over IPv4 only; one 64 KiB staging buffer, allocated
+/// by [`Coalescer::new`], nothing after.
+pub struct Coalescer {
+    /// `virtio_net_hdr` + the pending packet.
+    buf: Box<[u8]>,
+    pending: Option<Pending>,
+    merged: u64,
+}
+
+impl std::fmt::Debug for Coalescer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalescer")
+            .field("pending", &self.pending)
+            .field("merged", &self.merged)
+            .finish()
+    }
+}
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Coalescer {
+    /// A coalescer with its staging buffer (64 KiB + header).
+    pub fn new() -> Coalescer {
+        Coalescer {
+            buf: vec![0u8; VNET_HDR_LEN + MAX_PACKET].into_boxed_slice(),
+            pending: None,
+            merged: 0,
+        }
+    }
+
+    /// How many segments were appended to an earlier one so far (a counter
+    /// for metrics: packets the kernel did not have to take one by one).
+    pub fn merged(&self) -> u64 {
+        self.merged
+    }
+
+    /// Whether a super-packet (or a lone TCP segment) is waiting for
+    /// [`Coalescer::flush`].
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Takes the next inner packet; calls `emit` for what becomes ready
+    /// (the pending super-packet when `packet` does not continue it, and
+    /// `packet` itself when it cannot be merged at all).
+    pub fn push<F>(&mut self, packet: &[u8], emit: &mut F)
+    where
+        F: FnMut(&[u8; VNET_HDR_LEN], &[u8]),
+    {
+        let Some(seg) = candidate(packet) else {
+            self.flush(emit);
+            emit(&VNET_HDR_NONE, packet);
+            return;
+        };
+        if let Some(p) = self.pending
+            && self.can_append(&p, packet, &seg)
+        {
+            self.append(p, packet, &seg);
+        } else {
+            self.flush(emit);
+            self.start(packet, &seg);
+        }
+        if self.pending.is_some_and(|p| p.closed) {
+            self.flush(emit);
+        }
+    }
+
+    /// Emits the pending super-packet, if any.
+    pub fn flush<F>(&mut self, emit: &mut F)
+    where
+        F: FnMut(&[u8; VNET_HDR_LEN], &[u8]),
+    {
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let Some((hdr, rest)) = self.buf.split_first_chunk_mut::<VNET_HDR_LEN>() else {
+            return;
+        };
+        let Some(packet) = rest.get_mut(..p.total) else {
+            return;
+        };
+        if p.segments == 1 {
+            // Untouched: its own checksums are still right.
+            emit(&VNET_HDR_NONE, packet);
+            return;
+        }
+        let ip_hl = MIN_HEADER_LEN;
+        // p.total <= MAX_PACKET, checked on every append.
+        let total = u16::try_from(p.total).unwrap_or(u16::MAX);
+        put16(packet, IP_TOTAL_LEN, total);
+        put16(packet, IP_CHECKSUM, 0);
+        let ip_sum = finish_ip(packet.get(..ip_hl).unwrap_or(&[]));
+        put16(packet, IP_CHECKSUM, ip_sum);
+        // The pseudo-header sum, not complemented: the kernel adds the rest.
+        let tcp_len = u64::from(total) - 20;
+        let pseudo =
+            fold(sum_be(packet.get(IP_ADDRS).unwrap_or(&[])) + u64::from(IPPROTO_TCP) + tcp_len);
+        put16(packet, ip_hl + TCP_CHECKSUM_OFF, pseudo);
+        let vnet = VnetHdr {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: u16::try_from(ip_hl + p.tcp_hl).unwrap_or(0),
+            gso_size: u16::try_from(p.gso_size).unwrap_or(0),
+            csum_start: 20,
+            csum_offset: 16,
+        };
+        *hdr = vnet.to_bytes();
+        emit(hdr, packet);
+    }
+
+    fn start(&mut self, packet: &[u8], seg: &Segment) {
+        let (Some(dst), Some(src)) = (
+            self.buf.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + seg.total),
+            packet.get(..seg.total),
+        ) else {
+            return;
+        };
+        dst.copy_from_slice(src);
+        self.pending = Some(Pending {
+            total: seg.total,
+            tcp_hl: seg.tcp_hl,
+            gso_size: seg.payload,
+            segments: 1,
+            next_seq: seg
+                .seq
+                .wrapping_add(u32::try_from(seg.payload).unwrap_or(0)),
+            next_id: seg.id.wrapping_add(1),
+            closed: seg.psh,
+        });
+    }
+
+    fn can_append(&self, p: &Pending, packet: &[u8], seg: &Segment) -> bool {
+        if p.closed
+            || seg.tcp_hl != p.tcp_hl
+            || seg.seq != p.next_seq
+            || seg.id != p.next_id
+            || seg.payload > p.gso_size
+            || p.total + seg.payload > MAX_PACKET
+        {
+            return false;
+        }
+        let Some(first) = self
+            .buf
+            .get(VNET_HDR_LEN..VNET_HDR_LEN + MIN_HEADER_LEN + p.tcp_hl)
+        else {
+            return false;
+        };
+        let Some(this) = packet.get(..MIN_HEADER_LEN + p.tcp_hl) else {
+            return false;
+        };
+        let (fi, ft) = first.split_at(MIN_HEADER_LEN);
+        let (ti, tt) = this.split_at(MIN_HEADER_LEN);
+        // IPv4: TOS, DF, TTL, protocol, addresses (ID checked above).
+        fi[IP_TOS] == ti[IP_TOS]
+            && fi[IP_FRAG] & IP_DF_BYTE == ti[IP_FRAG] & IP_DF_BYTE
+            && fi[IP_TTL..IP_TTL + 2] == ti[IP_TTL..IP_TTL + 2]
+            && fi[IP_ADDRS] == ti[IP_ADDRS]
+            // TCP: ports; ack; data offset; flags but PSH; window; urgent
+            // pointer; options (sequence number and checksum differ).
+            && ft[..TCP_SEQ] == tt[..TCP_SEQ]
+            && ft[8..TCP_FLAGS] == tt[8..TCP_FLAGS]
+            && ft[TCP_FLAGS] & !TCP_PSH == tt[TCP_FLAGS] & !TCP_PSH
+            && ft[14..TCP_CHECKSUM_OFF] == tt[14..TCP_CHECKSUM_OFF]
+            && ft[18..] == tt[18..]
+    }
+
+    fn append(&mut self, mut p: Pending, packet: &[u8], seg: &Segment) {
+        let hl = MIN_HEADER_LEN + p.tcp_hl;
+        let at = VNET_HDR_LEN + p.total;
+        let (Some(dst), Some(src)) = (
+            self.buf.get_mut(at..at + seg.payload),
+            packet.get(hl..hl + seg.payload),
+        ) else {
+            return;
+        };
+        dst.copy_from_slice(src);
+        if seg.psh
+            && let Some(flags) = self.buf.get_mut(VNET_HDR_LEN + MIN_HEADER_LEN + TCP_FLAGS)
+        {
+            *flags |= TCP_PSH;
+        }
+        p.total += seg.payload;
+        p.segments += 1;
+        p.next_seq = seg
+            .seq
+            .wrapping_add(u32::try_from(seg.payload).unwrap_or(0));
+        p.next_id = seg.id.wrapping_add(1);
+        p.closed = seg.psh || seg.payload < p.gso_size;
+        self.pending = Some(p);
+        self.merged += 1;
+    }
+}
+
+/// The TCP segment in `packet` if it may take part in a super-packet:
+/// IPv4 without options, not a fragment, TCP with data, no SYN, FIN, RST,
+/// URG or CWR, and valid IPv4 and TCP checksums.
+fn candidate(packet: &[u8]) -> Option<Segment> {
+    let info = packet::parse(packet).ok()?;
+    if info.header_len != MIN_HEADER_LEN
+        || info.protocol != IPPROTO_TCP
+        || be16(packet, IP_FRAG)? & IP_MF_OFFSET != 0
+    {
+        return None;
+    }
+    let packet = packet.get(..info.total_len)?;
+    let tcp_hl = usize::from(packet.get(MIN_HEADER_LEN + TCP_DATA_OFF)? >> 4) * 4;
+    let hl = MIN_HEADER_LEN + tcp_hl;
+    if tcp_hl < TCP_MIN_HEADER_LEN || hl >= info.total_len {
+        return None;
+    }
+    let flags = *packet.get(MIN_HEADER_LEN + TCP_FLAGS)?;
+    if flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_CWR) != 0 {
+        return None;
+    }
+    if !l4_valid(packet, MIN_HEADER_LEN, IPPROTO_TCP) {
+        return None;
+    }
+    Some(Segment {
+        total: info.total_len,
+        tcp_hl,
+        payload: info.total_len - hl,
+        seq: be32(packet, MIN_HEADER_LEN + TCP_SEQ)?,
+        id: be16(packet, IP_ID)?,
+        psh: flags & TCP_PSH != 0,
+    })
+}
+
+/// Splits a received message into its datagrams: `gro_segment` bytes each
+/// (the last may be shorter), or one datagram when it is `None` or 0.
+pub fn gro_datagrams(message: &[u8], gro_segment: Option<u16>) -> std::slice::Chunks<'_, u8> {
+    let size = gro_segment
+        .map(usize::from)
+        .filter(|&s| s > 0)
+        .unwrap_or(message.len())
+        .max(1);
+    message.chunks(size)
+}
+
+#[cfg(test)]
+// Test fixtures build small packets with `as` casts of known-small values.
+#[allow(clippy::cast_possible_truncation, clippy::type_complexity)]
+mod tests {
+    use super::*;
+    use crate::udp::offload::fixtures::*;
+    use crate::udp::offload::{from_tun, split_for_gso};
+    use crate::udp::sys::VIRTIO_NET_HDR_GSO_NONE;
+    use proptest::prelude::*;
+
+    fn flow(n: usize, mss: usize, t: &Tcp) -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| {
+                let tt = Tcp {
+                    id: t.id.wrapping_add(i as u16),
+                    seq: t.seq.wrapping_add((i * mss) as u32),
+                    flags: t.flags,
+                    ip_options: t.ip_options.clone(),
+                    tcp_options: t.tcp_options.clone(),
+                    df: t.df,
+                    ports: t.ports,
+                };
+                tcp_packet(&tt, &pattern(mss, i as u8))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn coalesces_a_run_into_one_gso_write() {
+        let segs = flow(5, 1000, &Tcp::default());
+        let writes = coalesce(&segs);
+        assert_eq!(writes.len(), 1);
+        let (h, p) = &writes[0];
+        assert_eq!(
+            *h,
+            VnetHdr {
+                flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+                gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+                hdr_len: 52,
+                gso_size: 1000,
+                csum_start: 20,
+                csum_offset: 16
+            }
+        );
+        assert_eq!(p.len(), 52 + 5000);
+        assert!(ip_ok(p));
+        // The checksum field holds the pseudo-header sum: completing it gives a valid packet.
+        let mut full = p.clone();
+        let mut buf = h.to_bytes().to_vec();
+        buf.extend_from_slice(&full);
+        buf[1] = VIRTIO_NET_HDR_GSO_NONE;
+        let mut out = [0u8; 0];
+        from_tun(&mut buf, &mut out).unwrap();
+        full.copy_from_slice(&buf[10..]);
+        assert!(l4_ok(&full, IPPROTO_TCP));
+        let joined: Vec<u8> = segs.iter().flat_map(|s| tcp_payload(s).to_vec()).collect();
+        assert_eq!(tcp_payload(p), &joined[..]);
+    }
+
+    #[test]
+    fn lone_and_odd_packets_pass_unchanged() {
+        let t = Tcp::default();
+        let udp = udp_packet(b"hello");
+        let mut ack_only = tcp_packet(&t, &[]);
+        ack_only.extend_from_slice(&[0; 6]); // Ethernet-style padding is passed as is
+        let syn = tcp_packet(
+            &Tcp {
+                flags: TCP_SYN,
+                ..Tcp::default()
+            },
+            &[],
+        );
+        let garbage = vec![0x45u8; 7];
+        let one = tcp_packet(&t, b"data");
+        for p in [udp, ack_only, syn, garbage, one] {
+            let w = coalesce(std::slice::from_ref(&p));
+            assert_eq!(w, vec![(VnetHdr::default(), p.clone())]);
+        }
+    }
+
+    /// Packets that break a run: each list must produce exactly these write sizes.
+    #[test]
+    fn runs_break_where_they_must() {
+        let t = Tcp::default();
+        let base = flow(4, 1000, &t);
+        let count = |packets: &[Vec<u8>]| -> Vec<usize> {
+            coalesce(packets)
+                .iter()
+                .map(|(h, p)| {
+                    if h.gso_type == 0 {
+                        1
+                    } else {
+                        (p.len() - 52).div_ceil(usize::from(h.gso_size))
+                    }
+                })
+                .collect()
+        };
+        assert_eq!(count(&base), vec![4]);
+        // A different flow in the middle.
+        let other = tcp_packet(
+            &Tcp {
+                ports: (1, 2),
+                ..Tcp::default()
+            },
+            &pattern(1000, 0),
+        );
+        let mut v = base.clone();
+        v.insert(2, other);
+        assert_eq!(count(&v), vec![2, 1, 2]);
+        // A sequence gap, an ID gap.
+        let mut v = base.clone();
+        v.remove(2);
+        assert_eq!(count(&v), vec![2, 1]);
+        // A bad TCP checksum is passed alone.
+        let mut v = base.clone();
+        v[1][60] ^= 1;
+        assert_eq!(count(&v), vec![1, 1, 2]);
+        // PSH ends a run (and is kept), a short segment ends a run, a longer one does not join.
+        let mut v = base.clone();
+        let psh = tcp_packet(
+            &Tcp {
+                flags: ACK | TCP_PSH,
+                seq: t.seq + 1000,
+                id: t.id + 1,
+                ..Tcp::default()
+            },
+            &pattern(1000, 1),
+        );
+        v[1] = psh;
+        let w = coalesce(&v);
+        assert_eq!(w.len(), 2);
+        assert_eq!(flags_of(&w[0].1), ACK | TCP_PSH);
+        let short = flow(3, 1000, &t);
+        let mut v = short.clone();
+        let last = tcp_packet(
+            &Tcp {
+                seq: t.seq + 3000,
+                id: t.id + 3,
+                ..Tcp::default()
+            },
+            &pattern(10, 0),
+        );
+        v.push(last);
+        let after = tcp_packet(
+            &Tcp {
+                seq: t.seq + 3010,
+                id: t.id + 4,
+                ..Tcp::default()
+            },
+            &pattern(10, 0),
+        );
+        v.push(after);
+        assert_eq!(count(&v), vec![4, 1]);
+        let mut v = flow(2, 1000, &t);
+        v.push(tcp_packet(
+            &Tcp {
+                seq: t.seq + 2000,
+                id: t.id + 2,
+                ..Tcp::default()
+            },
+            &pattern(1001, 0),
+        ));
+        assert_eq!(count(&v), vec![2, 1]);
+        // Different TCP options, DF, TOS, FIN, CWR, IP options.
+        let variants: Vec<Box<dyn Fn(&mut Tcp)>> = vec![
+            Box::new(|t| t.tcp_options[11] = 9),
+            Box::new(|t| t.df = false),
+            Box::new(|t| t.flags |= TCP_FIN),
+            Box::new(|t| t.flags |= TCP_CWR),
+            Box::new(|t| t.flags |= ECE),
+            Box::new(|t| t.ip_options = vec![1, 1, 1, 0]),
+        ];
+        for change in variants {
+            let mut tt = Tcp {
+                seq: t.seq + 2000,
+                id: t.id + 2,
+                ..Tcp::default()
+            };
+            change(&mut tt);
+            let mut v = flow(2, 1000, &t);
+            v.push(tcp_packet(&tt, &pattern(1000, 0)));
+            assert_eq!(count(&v), vec![2, 1]);
+        }
+        // 64 KiB is the limit.
+        let v = flow(70, 1000, &t);
+        assert_eq!(count(&v), vec![65, 5]);
+    }
+
+    #[test]
+    fn gro_datagrams_cut_messages() {
+        let msg = pattern(2500, 0);
+        let lens: Vec<usize> = gro_datagrams(&msg, Some(1000)).map(<[u8]>::len).collect();
+        assert_eq!(lens, [1000, 1000, 500]);
+        assert_eq!(gro_datagrams(&msg, None).count(), 1);
+        assert_eq!(gro_datagrams(&msg, Some(0)).count(), 1);
+        assert_eq!(gro_datagrams(&[], None).count(), 0);
+    }
+
+    fn arb_flags() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            Just(ACK),
+            Just(ACK | TCP_PSH),
+            Just(ACK | ECE),
+            Just(ACK | ECE | TCP_PSH)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Split then coalesce gives back the super-packet the kernel handed over.
+        #[test]
+        fn split_then_coalesce_round_trips(
+            payload_len in 0usize..=65_000,
+            mss in prop_oneof![1usize..64, 500usize..=9000],
+            seq in any::<u32>(),
+            id in any::<u16>(),
+            flags in arb_flags(),
+            options in prop_oneof![Just(vec![]), Just(vec![1, 1, 8, 10, 1, 2, 3, 4, 5, 6, 7, 8])],
+            seed in any::<u8>(),
+        ) {
+            let payload_len = payload_len.min(65_535 - 40 - options.len());
+            let payload = pattern(payload_len, seed);
+            let t = Tcp { seq, id, flags, tcp_options: options.clone(), ..Tcp::default() };
+            let original = tcp_packet(&t, &payload);
+            let input = tun_read(original.clone(), VIRTIO_NET_HDR_GSO_TCPV4, mss as u16);
+            let hl = 40 + options.len();
+            let count = payload_len.div_ceil(mss).max(1);
+            let mut out = vec![0u8; count * hl + payload_len];
+            let split = split_for_gso(&input, &mut out).unwrap();
+            prop_assert_eq!(split.count, count);
+            prop_assert_eq!(split.len, out.len());
+            let segs = segments(&out, &split);
+            for (i, s) in segs.iter().enumerate() {
+                prop_assert!(packet::parse(s).is_ok());
+                prop_assert!(ip_ok(s) && l4_ok(s, IPPROTO_TCP));
+                prop_assert_eq!(seq_of(s), seq.wrapping_add((i * mss) as u32));
+                prop_assert!(s.len() <= hl + mss);
+                let last = i + 1 == count;
+                prop_assert_eq!(flags_of(s), if last { flags } else { flags & !TCP_PSH });
+            }
+            let writes = coalesce(&segs);
+            let joined: Vec<u8> = writes.iter().flat_map(|(_, p)| tcp_payload(p).to_vec()).collect();
+            prop_assert_eq!(&joined, &payload);
+            if count >= 2 && payload_len > 0 {
+                prop_assert_eq!(writes.len(), 1);
+                let (h, p) = &writes[0];
+                prop_assert_eq!(h.gso_size as usize, mss);
+                prop_assert_eq!(h.gso_type, VIRTIO_NET_HDR_GSO_TCPV4);
+                prop_assert_eq!(p, &input[VNET_HDR_LEN..]);
+            } else {
+                prop_assert_eq!(writes.len(), 1);
+                prop_assert_eq!(writes[0].0, VnetHdr::default());
+            }
+        }
+    }
+}
