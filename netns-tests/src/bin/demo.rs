@@ -146,8 +146,8 @@ fn explain(cluster: &Cluster, containers: &[Container]) -> Result<()> {
     }
     println!();
     println!(
-        "  Each container ({}c0, ...) sits on its node's bridge cni0 with a default route via \
-         the bridge;",
+        "  Each container ({}c0, ...) was attached by our CNI plugin `flannel` (bridge cni0, a veth, \
+         an address from the node's subnet, a default route via the bridge);",
         cluster.node(0).netns()
     );
     println!(
