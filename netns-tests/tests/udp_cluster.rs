@@ -2,7 +2,8 @@
 //! flannel makes it, cross-node reachability, a 200 MB TCP transfer with a
 //! matching checksum, the MTU edge, ICMP net-unreachable, a spoofed datagram
 //! dropped (and counted in the log and `/metrics`), peers joining and leaving
-//! while traffic flows, a restart, and a hand-made flannel (Go) udp node.
+//! while traffic flows, a restart, a deleted flannel0, and a hand-made flannel
+//! (Go) udp node.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::Ipv4Addr;
@@ -451,4 +452,31 @@ fn a_flannel_go_udp_node_talks_to_ours() {
     assert_eq!(&reply[16..20], &[10, 244, 200, 5]);
     assert_eq!(reply[9], 1, "ICMP");
     assert_eq!(reply[20], 0, "echo reply");
+}
+
+/// `flannel0` deleted by hand (a network restart script, NetworkManager):
+/// flanneld recreates it with its address and route, and traffic flows again.
+#[test]
+fn a_deleted_flannel0_is_recreated() {
+    let cluster = udp_cluster(2);
+    let a = cluster.node(0).add_container().unwrap();
+    let b = cluster.node(1).add_container().unwrap();
+    wait_reachable(&cluster, &a, &b);
+    cluster
+        .node(1)
+        .exec_ok(["ip", "link", "del", "flannel0"])
+        .unwrap();
+    let deleted = Instant::now();
+    wait_reachable(&cluster, &a, &b);
+    eprintln!("reachable again {:?} after the deletion", deleted.elapsed());
+    let route = cluster
+        .node(1)
+        .exec_ok(["ip", "route", "show", "10.244.0.0/16"])
+        .unwrap();
+    assert!(route.contains("dev flannel0"), "{route}");
+    assert!(
+        cluster.node(1).log_tail(100).contains("recreating it"),
+        "{}",
+        cluster.node(1).log_tail(30)
+    );
 }
