@@ -10,15 +10,19 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 
 use crate::cmd::ip;
+use crate::container::Container;
 use crate::error::{HarnessError, Result};
 use crate::etcd::{ETCD_START_TIMEOUT, EtcdCluster};
 use crate::names::{TEMP_DIR_PREFIX, UnderlayLease, require_root, sweep_once, unique_prefix};
 use crate::netns::{NetnsSet, sysctl};
 use crate::node::{Node, NodeConfig, attach_to_switch};
+use crate::ping::wait_for;
 
 /// The network config written to etcd unless the spec says otherwise.
 pub const DEFAULT_NETWORK_CONFIG: &str =
     r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+/// How long [`Cluster::wait_reachable`] waits for the overlay to converge.
+const REACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Cluster::start`] waits for every node's subnet.env.
 pub const SUBNET_ENV_TIMEOUT: Duration = Duration::from_secs(30);
 /// Set this environment variable to keep a failed test's cluster directory
@@ -289,6 +293,25 @@ impl Cluster {
                 "node index {i} out of range: the cluster has {} nodes",
                 self.nodes.len()
             )
+        })
+    }
+
+    /// Waits (up to 10 s, a ping every 100 ms) until container `a` reaches
+    /// `b`; the error carries [`Cluster::diagnostics`].
+    pub fn wait_reachable(&self, a: &Container, b: &Container) -> Result<()> {
+        wait_for(
+            &format!("{} -> {}", a.ip(), b.ip()),
+            REACH_TIMEOUT,
+            Duration::from_millis(100),
+            || a.ping(b.ip(), 1).is_ok_and(|s| s.all_received()),
+        )
+        .map_err(|e| {
+            HarnessError::Invalid(format!(
+                "{} cannot reach {}: {e}\n{}",
+                a.ip(),
+                b.ip(),
+                self.diagnostics()
+            ))
         })
     }
 

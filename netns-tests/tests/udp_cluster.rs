@@ -25,22 +25,6 @@ fn udp_cluster(nodes: usize) -> Cluster {
     .unwrap()
 }
 
-fn wait_reachable(cluster: &Cluster, a: &Container, b: &Container) {
-    let ok = wait_for(
-        &format!("{} -> {}", a.ip(), b.ip()),
-        Duration::from_secs(10),
-        Duration::from_millis(100),
-        || a.ping(b.ip(), 1).is_ok_and(|s| s.all_received()),
-    );
-    assert!(
-        ok.is_ok(),
-        "{} cannot reach {}\n{}",
-        a.ip(),
-        b.ip(),
-        cluster.diagnostics()
-    );
-}
-
 fn sh(c: &Container, script: &str) -> std::process::Output {
     c.exec(["sh", "-c", script]).unwrap()
 }
@@ -73,7 +57,7 @@ fn flannel0_is_configured_as_flannel_does_and_containers_reach_each_other() {
     for a in &containers {
         for b in &containers {
             if a != b {
-                wait_reachable(&cluster, a, b);
+                cluster.wait_reachable(a, b).unwrap();
             }
         }
     }
@@ -84,7 +68,7 @@ fn a_200_mb_transfer_arrives_intact() {
     let cluster = udp_cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     let dir = cluster.dir().join("transfer");
     std::fs::create_dir_all(&dir).unwrap();
     let source = dir.join("source");
@@ -156,7 +140,7 @@ fn mtu_sized_packets_pass_and_one_byte_more_does_not() {
     let cluster = udp_cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     // 1472 - 20 (IP) - 8 (ICMP) = 1444 bytes of payload fill the MTU exactly.
     let fits = sh(&a, &format!("ping -c 2 -W 2 -M do -s 1444 {}", b.ip()));
     assert!(
@@ -190,7 +174,7 @@ fn a_spoofed_datagram_from_a_non_peer_is_dropped() {
     let mut cluster = udp_cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     let stranger = cluster.add_node_plain().unwrap().netns().to_owned();
     // From a namespace on the underlay that is not a peer: a UDP datagram
     // to node 1's flannel port carrying an ICMP echo from a's address to b.
@@ -269,7 +253,7 @@ fn peers_join_and_leave_while_traffic_flows() {
     let mut cluster = udp_cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     let pinger = {
         let netns = a.netns().to_owned();
         let to = b.ip();
@@ -277,8 +261,8 @@ fn peers_join_and_leave_while_traffic_flows() {
     };
     cluster.add_node().unwrap();
     let c = cluster.node(2).add_container().unwrap();
-    wait_reachable(&cluster, &a, &c);
-    wait_reachable(&cluster, &c, &b);
+    cluster.wait_reachable(&a, &c).unwrap();
+    cluster.wait_reachable(&c, &b).unwrap();
     leave(&cluster, cluster.node(2));
     let gone = wait_for(
         "node 2's lease to leave node 0's peers",
@@ -340,7 +324,7 @@ fn a_restart_interrupts_traffic_briefly_and_keeps_the_lease() {
     let cluster = udp_cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     let before = cluster
         .node(1)
         .wait_subnet_env(Duration::from_secs(5))
@@ -461,13 +445,13 @@ fn a_deleted_flannel0_is_recreated() {
     let cluster = udp_cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     cluster
         .node(1)
         .exec_ok(["ip", "link", "del", "flannel0"])
         .unwrap();
     let deleted = Instant::now();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     eprintln!("reachable again {:?} after the deletion", deleted.elapsed());
     let route = cluster
         .node(1)

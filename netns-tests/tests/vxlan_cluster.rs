@@ -38,23 +38,6 @@ fn subnet_of(node: &Node) -> String {
     env.subnet_network().unwrap().to_string()
 }
 
-/// Waits until `a` reaches `b` (the overlay may need a moment to converge).
-fn wait_reachable(cluster: &Cluster, a: &Container, b: &Container) {
-    let result = wait_for(
-        &format!("{} -> {}", a.ip(), b.ip()),
-        Duration::from_secs(10),
-        Duration::from_millis(200),
-        || a.ping(b.ip(), 1).is_ok_and(|s| s.all_received()),
-    );
-    assert!(
-        result.is_ok(),
-        "{} cannot reach {}\n{}",
-        a.ip(),
-        b.ip(),
-        cluster.diagnostics()
-    );
-}
-
 /// Pings `to` from `from` every 20 ms in a background thread, `count` times.
 fn ping_in_background(from: &Container, to: Ipv4Addr, count: u32) -> thread::JoinHandle<PingStats> {
     let netns = from.netns().to_owned();
@@ -71,7 +54,7 @@ fn all_pairs_ping_on_three_nodes() {
     for a in &containers {
         for b in &containers {
             if a.ip() != b.ip() {
-                wait_reachable(&cluster, a, b);
+                cluster.wait_reachable(a, b).unwrap();
             }
         }
     }
@@ -155,7 +138,7 @@ fn restarts_are_hitless() {
     let cluster = cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     let before = subnet_of(cluster.node(0));
 
     let pings = ping_in_background(&a, b.ip(), 250);
@@ -200,7 +183,7 @@ fn etcd_outage_loses_nothing() {
     });
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
 
     let pings = ping_in_background(&a, b.ip(), 1250);
     cluster.etcd().stop_member(0).unwrap();
@@ -266,7 +249,7 @@ fn etcd_leader_loss_is_survived() {
     });
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     // Make the first endpoint every daemon lists the leader, then kill it:
     // clients must fail over to the other members.
     make_leader(&cluster, 0);
@@ -332,8 +315,8 @@ fn deleted_device_is_restored_within_two_seconds() {
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
     let c = cluster.node(2).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
-    wait_reachable(&cluster, &a, &c);
+    cluster.wait_reachable(&a, &b).unwrap();
+    cluster.wait_reachable(&a, &c).unwrap();
     let mac_before = cluster
         .node(0)
         .exec_ok(["cat", "/sys/class/net/flannel.1/address"]);
@@ -414,8 +397,8 @@ fn flannel_go_lease_is_honoured() {
             value.as_str(),
         ])
         .unwrap();
-    wait_reachable(&cluster, &ours, &theirs);
-    wait_reachable(&cluster, &theirs, &ours);
+    cluster.wait_reachable(&ours, &theirs).unwrap();
+    cluster.wait_reachable(&theirs, &ours).unwrap();
 }
 
 /// `--ip-masq` installs flannel's masquerade and forward rules in the node,
@@ -501,7 +484,7 @@ fn changed_vtep_mac_leaves_nothing_stale() {
     let cluster = cluster(2);
     let a = cluster.node(0).add_container().unwrap();
     let b = cluster.node(1).add_container().unwrap();
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
     let mac = |node: &Node| {
         node.exec_ok(["cat", "/sys/class/net/flannel.1/address"])
             .unwrap()
@@ -552,7 +535,7 @@ fn changed_vtep_mac_leaves_nothing_stale() {
         !neigh0.contains(&old_mac) && neigh0.contains(&new_mac),
         "{neigh0}"
     );
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
 }
 
 /// A peer removed while a node's flanneld was down is removed from that
@@ -626,5 +609,5 @@ fn direct_routing_skips_the_tunnel_on_one_segment() {
         .exec_ok(["bridge", "fdb", "show", "dev", "flannel.1"])
         .unwrap();
     assert!(!fdb.contains("dst"), "no tunnel entries: {fdb}");
-    wait_reachable(&cluster, &a, &b);
+    cluster.wait_reachable(&a, &b).unwrap();
 }
