@@ -402,6 +402,14 @@ impl EtcdCluster {
             })
     }
 
+    /// Puts `key` = `value` attached to a new etcd lease of `ttl_seconds`,
+    /// the way flannel writes a subnet lease.
+    pub fn put_leased(&self, key: &str, value: &str, ttl_seconds: u64) -> Result<()> {
+        let lease_id = self.grant_lease(ttl_seconds)?;
+        self.etcdctl_ok(["put", "--lease", lease_id.as_str(), key, value])
+            .map(drop)
+    }
+
     /// Writes the flannel network config to `/coreos.com/network/config`.
     pub fn put_config(&self, json: &str) -> Result<()> {
         self.put(&format!("{DEFAULT_ETCD_PREFIX}/config"), json)

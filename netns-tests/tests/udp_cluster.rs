@@ -371,16 +371,9 @@ fn a_flannel_go_udp_node_talks_to_ours() {
     let our_ip = cluster.node(0).underlay_ip();
     // Exactly what flannel v0.28's udp backend writes.
     let value = format!(r#"{{"PublicIP":"{go_ip}","PublicIPv6":null}}"#);
-    let lease_id = cluster.etcd().grant_lease(600).unwrap();
     cluster
         .etcd()
-        .etcdctl_ok([
-            "put",
-            "--lease",
-            lease_id.as_str(),
-            "/coreos.com/network/subnets/10.244.200.0-24",
-            value.as_str(),
-        ])
+        .put_leased("/coreos.com/network/subnets/10.244.200.0-24", &value, 600)
         .unwrap();
     // The "Go node": sends an echo request from 10.244.200.5 to our
     // container in a bare UDP datagram and waits for the bare reply.

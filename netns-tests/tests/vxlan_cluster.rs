@@ -386,16 +386,9 @@ fn flannel_go_lease_is_honoured() {
     let value = format!(
         r#"{{"PublicIP":"{go_ip}","PublicIPv6":null,"BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{go_mac}"}}}}"#
     );
-    let lease_id = cluster.etcd().grant_lease(600).unwrap();
     cluster
         .etcd()
-        .etcdctl_ok([
-            "put",
-            "--lease",
-            lease_id.as_str(),
-            "/coreos.com/network/subnets/10.244.200.0-24",
-            value.as_str(),
-        ])
+        .put_leased("/coreos.com/network/subnets/10.244.200.0-24", &value, 600)
         .unwrap();
     cluster.wait_reachable(&ours, &theirs).unwrap();
     cluster.wait_reachable(&theirs, &ours).unwrap();
