@@ -1,7 +1,8 @@
 //! The packet loop: one worker thread (module `worker`) per TUN queue,
 //! each with its own UDP socket on the same port (`SO_REUSEPORT`). With
-//! offloads (probed at start: TUN virtio-net headers with TSO, UDP GSO and
-//! GRO) a worker moves 64 KiB super-packets; without, batches of packets.
+//! offloads (probed at start: TUN virtio-net headers with TSO and USO, UDP
+//! GSO and GRO) a worker moves 64 KiB super-packets; without, batches of
+//! packets.
 //!
 //! The peer table is shared read-mostly: lease events build a new table and
 //! publish it with a generation counter; a worker checks the counter once
@@ -17,7 +18,7 @@ use tracing::{info, warn};
 
 use super::packet::DropReason;
 use super::peers::PeerTable;
-use super::sys::{self, TUN_F_CSUM, TUN_F_TSO4, Tun, TunOptions};
+use super::sys::{self, TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6, Tun, TunOptions};
 use super::worker::Worker;
 
 /// Packets per system call (and per wakeup, per direction) by default.
@@ -248,7 +249,14 @@ fn open_tun(config: &EngineConfig) -> io::Result<(Tun, bool)> {
             ..plain
         },
     )?;
-    match tun.set_offload(TUN_F_CSUM | TUN_F_TSO4) {
+    // USO (kernel >= 6.2) only comes as the IPv4 and IPv6 pair; IPv6
+    // super-packets are dropped like any IPv6 packet (the network is IPv4).
+    let with_uso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_USO4 | TUN_F_USO6;
+    let result = tun.set_offload(with_uso).or_else(|error| {
+        info!(%error, "TUN UDP segmentation offload (USO) is not available; TSO only");
+        tun.set_offload(TUN_F_CSUM | TUN_F_TSO4)
+    });
+    match result {
         Ok(()) => Ok((tun, true)),
         Err(error) => {
             warn!(%error, "TUN offloads are not available; moving packets one by one");
