@@ -5,9 +5,9 @@ use super::{
     IP_ADDRS, IP_CHECKSUM, IP_DF_BYTE, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOS, IP_TOTAL_LEN, IP_TTL,
     IPPROTO_TCP, MAX_PACKET, TCP_CHECKSUM_OFF, TCP_CWR, TCP_DATA_OFF, TCP_FIN, TCP_FLAGS,
     TCP_MIN_HEADER_LEN, TCP_PSH, TCP_RST, TCP_SEQ, TCP_SYN, TCP_URG, VNET_HDR_NONE, VnetHdr, be16,
-    be32, finish_ip, fold, l4_valid, put16, sum_be,
+    be32, l4_valid, put16,
 };
-use crate::udp::packet::{self, MIN_HEADER_LEN};
+use crate::udp::packet::{self, MIN_HEADER_LEN, fold, ones_complement_sum};
 use crate::udp::sys::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN};
 
 /// One TCP segment that may be merged, as [`candidate`] found it.
@@ -151,12 +151,15 @@ impl Coalescer {
         let total = u16::try_from(p.total).unwrap_or(u16::MAX);
         put16(packet, IP_TOTAL_LEN, total);
         put16(packet, IP_CHECKSUM, 0);
-        let ip_sum = finish_ip(packet.get(..ip_hl).unwrap_or(&[]));
+        let ip_sum = packet::internet_checksum(packet.get(..ip_hl).unwrap_or(&[]));
         put16(packet, IP_CHECKSUM, ip_sum);
         // The pseudo-header sum, not complemented: the kernel adds the rest.
         let tcp_len = u64::from(total) - 20;
-        let pseudo =
-            fold(sum_be(packet.get(IP_ADDRS).unwrap_or(&[])) + u64::from(IPPROTO_TCP) + tcp_len);
+        let pseudo = fold(
+            ones_complement_sum(packet.get(IP_ADDRS).unwrap_or(&[]))
+                + u64::from(IPPROTO_TCP)
+                + tcp_len,
+        );
         put16(packet, ip_hl + TCP_CHECKSUM_OFF, pseudo);
         let vnet = VnetHdr {
             flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,

@@ -7,9 +7,9 @@ use super::{
     IP_CHECKSUM, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOTAL_LEN, IPPROTO_TCP, IPPROTO_UDP,
     MAX_UDP_PAYLOAD, TCP_CHECKSUM_OFF, TCP_CWR, TCP_DATA_OFF, TCP_FIN, TCP_FLAGS,
     TCP_MIN_HEADER_LEN, TCP_PSH, TCP_SEQ, UDP_CHECKSUM_OFF, UDP_HEADER_LEN, UDP_LEN, VnetHdr, be16,
-    be32, finish, finish_ip, l4_sum, put16, put32, sum_be,
+    be32, finish, l4_sum, put16, put32,
 };
-use crate::udp::packet::{self, DropReason};
+use crate::udp::packet::{self, DropReason, ones_complement_sum};
 use crate::udp::sys::{
     UDP_MAX_SEGMENTS, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN,
@@ -116,7 +116,7 @@ pub fn complete_checksum(packet: &mut [u8], hdr: &VnetHdr) -> Result<usize, Drop
         let covered = packet
             .get(start..info.total_len)
             .ok_or(DropReason::BadHeaderLength)?;
-        let sum = finish(sum_be(covered));
+        let sum = finish(ones_complement_sum(covered));
         put16(packet, field, sum);
     }
     Ok(info.total_len)
@@ -234,7 +234,7 @@ pub fn split_for_gso(input: &[u8], out: &mut [u8]) -> Result<GsoSplit, DropReaso
         put16(seg, IP_TOTAL_LEN, ip_len);
         put16(seg, IP_ID, id.wrapping_add(index));
         put16(seg, IP_CHECKSUM, 0);
-        let ip_sum = finish_ip(seg.get(..sp.ip_hl).unwrap_or(&[]));
+        let ip_sum = packet::internet_checksum(seg.get(..sp.ip_hl).unwrap_or(&[]));
         put16(seg, IP_CHECKSUM, ip_sum);
 
         let l4_len = seg_len - sp.ip_hl;
