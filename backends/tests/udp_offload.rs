@@ -28,7 +28,7 @@ use backends::udp::sys::{
     self, PollFd, SendBatch, TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6, Tun, TunOptions,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
 };
-use common::{Ns, NsGuard};
+use common::{Ns, NsGuard, fold, sum16};
 
 const PREFIX: &str = "fuo";
 const ADDR_A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 2);
@@ -234,25 +234,6 @@ fn tcp_checksum(p: &[u8]) -> u16 {
     let tcp_len = u32::try_from(p.len() - 20).unwrap();
     let sum = sum16(&p[12..20], 0) + 6 + tcp_len;
     !fold(sum16(&p[20..], sum))
-}
-
-fn sum16(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for chunk in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    u16::try_from(sum).unwrap()
 }
 
 /// Byte `i` of the stream: not periodic at any segment size.

@@ -22,7 +22,7 @@ use backends::udp::sys::{
     TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_USO4, TUN_F_USO6, Tun, TunOptions,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN,
 };
-use common::{Ns, NsGuard};
+use common::{Ns, NsGuard, fold, sum16};
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 
 const PREFIX: &str = "fus";
@@ -102,24 +102,6 @@ fn kernel_version() -> (u32, u32) {
 /// The Internet checksum of `data` (one's complement of the one's-complement sum).
 fn checksum(data: &[u8]) -> u16 {
     !fold(sum16(data, 0))
-}
-
-fn sum16(data: &[u8], mut sum: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for chunk in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    sum
-}
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    u16::try_from(sum).unwrap()
 }
 
 /// An IPv4/UDP packet `src:sport -> dst:dport` with `payload`; the UDP

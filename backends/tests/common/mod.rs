@@ -166,3 +166,28 @@ impl NsGuard {
         }
     }
 }
+
+/// One's complement sum of `data`'s big-endian 16-bit words added to `sum`,
+/// folded as it goes: the tests' own checksum arithmetic, independent of
+/// the code under test.
+#[allow(dead_code, reason = "the vxlan kernel tests compute no checksums")]
+pub(crate) fn sum16(data: &[u8], mut sum: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for chunk in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([chunk[0], chunk[1]]));
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    sum
+}
+
+/// Folds a one's complement sum to 16 bits.
+#[allow(dead_code, reason = "the vxlan kernel tests compute no checksums")]
+pub(crate) fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    u16::try_from(sum).unwrap()
+}
