@@ -133,7 +133,6 @@ pub struct Engine {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     tun_name: String,
-    offload: bool,
 }
 
 impl Engine {
@@ -164,7 +163,6 @@ impl Engine {
             shared,
             workers: Vec::with_capacity(workers),
             tun_name,
-            offload,
         };
         for (i, tun) in queues.into_iter().enumerate() {
             let socket = sys::udp_socket(config.bind, true)?;
@@ -181,11 +179,6 @@ impl Engine {
         }
         info!(offload, workers, batch, "udp packet loop started");
         Ok(engine)
-    }
-
-    /// Whether the workers run with offloads (TSO on the TUN, UDP GSO/GRO).
-    pub fn offload(&self) -> bool {
-        self.offload
     }
 
     /// The TUN device's name.
@@ -209,11 +202,6 @@ impl Engine {
         self.shared
             .tun_addr
             .store(u32::from(addr), Ordering::Relaxed);
-    }
-
-    /// The packet counters.
-    pub fn counters(&self) -> &Counters {
-        &self.shared.counters
     }
 
     /// True while every worker runs.

@@ -154,27 +154,6 @@ impl Worker {
         }
     }
 
-    /// Answers a packet to a subnet no peer owns with ICMP net-unreachable.
-    fn unreachable(&mut self, offending: &[u8]) {
-        let counters = &self.shared.counters;
-        counters.count_drop(DropReason::NoRoute);
-        let src = Ipv4Addr::from(self.shared.tun_addr.load(Ordering::Relaxed));
-        let Some(n) = packet::icmp_net_unreachable(offending, src, &mut self.icmp) else {
-            return;
-        };
-        let icmp = &self.icmp[..n];
-        // Best effort, like any ICMP error.
-        let written = if self.offload {
-            self.tun
-                .write_vectored(&[IoSlice::new(&VNET_HDR_NONE), IoSlice::new(icmp)])
-        } else {
-            self.tun.write(icmp)
-        };
-        if written.is_ok() {
-            counters.icmp_unreachable.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// Plain mode: up to a batch of TUN reads, each packet routed, then all
     /// sent in one `sendmmsg` from the buffers they were read into.
     fn tun_to_udp_plain(&mut self) -> io::Result<()> {
@@ -187,11 +166,13 @@ impl Worker {
             };
             match self.peers.outbound(&mut self.buffers[i][..len]) {
                 Ok((peer, total_len)) => self.out.push((i, total_len, peer)),
-                Err(DropReason::NoRoute) => {
-                    let packet = std::mem::take(&mut self.buffers[i]);
-                    self.unreachable(&packet[..len]);
-                    self.buffers[i] = packet;
-                }
+                Err(DropReason::NoRoute) => answer_unreachable(
+                    &self.tun,
+                    &self.shared,
+                    &mut self.icmp,
+                    self.offload,
+                    &self.buffers[i][..len],
+                ),
                 Err(reason) => self.shared.counters.count_drop(reason),
             }
         }
@@ -212,13 +193,13 @@ impl Worker {
     /// Offload mode: each TUN read is one packet or a super-packet; it is
     /// split if needed and sent to its peer in one `sendmmsg` of GSO sends.
     fn tun_to_udp_offload(&mut self) -> io::Result<()> {
+        let counters = Arc::clone(&self.shared.counters);
         for _ in 0..TUN_READS_PER_WAKEUP {
             let len = match self.tun.read(&mut self.tun_buf) {
                 Ok(len) => len,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let counters = Arc::clone(&self.shared.counters);
             let read = match offload::from_tun(&mut self.tun_buf[..len], &mut self.split) {
                 Ok(read) => read,
                 Err(reason) => {
@@ -248,8 +229,13 @@ impl Worker {
                 }
             };
             let Some(peer) = self.peers.lookup(info.dst) else {
-                let offending = data[..first].to_vec();
-                self.unreachable(&offending);
+                answer_unreachable(
+                    &self.tun,
+                    &self.shared,
+                    &mut self.icmp,
+                    self.offload,
+                    &data[..first],
+                );
                 continue;
             };
             // Every segment has its own header: the TTL goes down in each.
@@ -345,6 +331,34 @@ impl Worker {
         }
         self.coalescer.flush(&mut emit);
         fatal.map_or(Ok(()), Err)
+    }
+}
+
+/// Answers a packet to a subnet no peer owns with ICMP net-unreachable,
+/// written back into the TUN (with an empty virtio header in offload mode).
+/// A free function so `offending` can stay in the worker's own buffers.
+fn answer_unreachable(
+    tun: &Tun,
+    shared: &Shared,
+    icmp: &mut [u8],
+    offload: bool,
+    offending: &[u8],
+) {
+    let counters = &shared.counters;
+    counters.count_drop(DropReason::NoRoute);
+    let src = Ipv4Addr::from(shared.tun_addr.load(Ordering::Relaxed));
+    let Some(n) = packet::icmp_net_unreachable(offending, src, icmp) else {
+        return;
+    };
+    let icmp = &icmp[..n];
+    // Best effort, like any ICMP error.
+    let written = if offload {
+        tun.write_vectored(&[IoSlice::new(&VNET_HDR_NONE), IoSlice::new(icmp)])
+    } else {
+        tun.write(icmp)
+    };
+    if written.is_ok() {
+        counters.icmp_unreachable.fetch_add(1, Ordering::Relaxed);
     }
 }
 
