@@ -90,16 +90,18 @@ impl Ipam {
     pub fn lock(data_dir: &Path) -> CniResult<Self> {
         let root = data_dir.join("ipam");
         let lock_path = root.join("lock");
-        let open = || {
+        let open = |create: bool| {
             OpenOptions::new()
-                .create(true)
+                .create(create)
                 .truncate(false)
                 .write(true)
                 .mode(0o600)
                 .open(&lock_path)
         };
-        // The directories exist after the first call: only create them then.
-        let lock = match open() {
+        // The lock file is created only after the directories, so when it
+        // exists they do (also after a SIGKILL halfway through creating
+        // them): the common case costs one open.
+        let lock = match open(false) {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 let attachments = root.join("attachments");
                 DirBuilder::new()
@@ -107,7 +109,7 @@ impl Ipam {
                     .mode(0o700)
                     .create(&attachments)
                     .map_err(|e| io_error("create", &attachments, e))?;
-                open()
+                open(true)
             }
             other => other,
         }
@@ -144,18 +146,8 @@ impl Ipam {
     /// Reserves an address of `subnet` for `owner`: the one it already holds
     /// (ADD repeated), else `requested` if given (and free), else the next
     /// free one after the last reserved, from `.2` up to the last host.
+    /// Also tells whether the address is newly reserved (false: ADD repeated).
     pub fn reserve(
-        &self,
-        subnet: Ipv4Network,
-        owner: &Owner,
-        requested: Option<Ipv4Addr>,
-    ) -> CniResult<Ipv4Addr> {
-        self.reserve_new(subnet, owner, requested).map(|(ip, _)| ip)
-    }
-
-    /// As [`Ipam::reserve`]; also tells whether the address is newly
-    /// reserved (false: ADD repeated).
-    pub fn reserve_new(
         &self,
         subnet: Ipv4Network,
         owner: &Owner,
@@ -450,6 +442,18 @@ mod tests {
         }
     }
 
+    impl Ipam {
+        /// [`Ipam::reserve`], the address only.
+        fn reserve_ip(
+            &self,
+            subnet: Ipv4Network,
+            owner: &Owner,
+            requested: Option<Ipv4Addr>,
+        ) -> CniResult<Ipv4Addr> {
+            self.reserve(subnet, owner, requested).map(|(ip, _)| ip)
+        }
+    }
+
     fn subnet(s: &str) -> Ipv4Network {
         s.parse().unwrap()
     }
@@ -460,11 +464,11 @@ mod tests {
         let ipam = Ipam::lock(dir.path()).unwrap();
         let s = subnet("10.244.3.0/29");
         let got: Vec<Ipv4Addr> = (0..5)
-            .map(|i| ipam.reserve(s, &owner(&format!("c{i}")), None).unwrap())
+            .map(|i| ipam.reserve_ip(s, &owner(&format!("c{i}")), None).unwrap())
             .collect();
         let want: Vec<Ipv4Addr> = (2..=6).map(|h| Ipv4Addr::new(10, 244, 3, h)).collect();
         assert_eq!(got, want);
-        let e = ipam.reserve(s, &owner("c9"), None).unwrap_err();
+        let e = ipam.reserve_ip(s, &owner("c9"), None).unwrap_err();
         assert!(e.msg.contains("no free address"), "{}", e.msg);
     }
 
@@ -473,9 +477,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ipam = Ipam::lock(dir.path()).unwrap();
         let s = subnet("10.244.3.0/24");
-        let a = ipam.reserve(s, &owner("a"), None).unwrap();
-        assert_eq!(ipam.reserve(s, &owner("a"), None).unwrap(), a);
-        assert_eq!(ipam.reserve(s, &owner("a"), Some(a)).unwrap(), a);
+        let a = ipam.reserve_ip(s, &owner("a"), None).unwrap();
+        assert_eq!(ipam.reserve_ip(s, &owner("a"), None).unwrap(), a);
+        assert_eq!(ipam.reserve_ip(s, &owner("a"), Some(a)).unwrap(), a);
         assert_eq!(ipam.release(&owner("a")).unwrap(), Some(a));
         assert_eq!(ipam.release(&owner("a")).unwrap(), None);
         assert!(ipam.reservations("net").unwrap().is_empty());
@@ -486,9 +490,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ipam = Ipam::lock(dir.path()).unwrap();
         let s = subnet("10.244.3.0/24");
-        let a = ipam.reserve(s, &owner("a"), None).unwrap();
+        let a = ipam.reserve_ip(s, &owner("a"), None).unwrap();
         ipam.release(&owner("a")).unwrap();
-        let b = ipam.reserve(s, &owner("b"), None).unwrap();
+        let b = ipam.reserve_ip(s, &owner("b"), None).unwrap();
         assert_ne!(a, b);
     }
 
@@ -498,8 +502,8 @@ mod tests {
         let ipam = Ipam::lock(dir.path()).unwrap();
         let s = subnet("10.244.3.0/24");
         let want = Ipv4Addr::new(10, 244, 3, 77);
-        assert_eq!(ipam.reserve(s, &owner("a"), Some(want)).unwrap(), want);
-        let e = ipam.reserve(s, &owner("b"), Some(want)).unwrap_err();
+        assert_eq!(ipam.reserve_ip(s, &owner("a"), Some(want)).unwrap(), want);
+        let e = ipam.reserve_ip(s, &owner("b"), Some(want)).unwrap_err();
         assert!(
             e.msg.contains("already allocated to container a"),
             "{}",
@@ -512,7 +516,7 @@ mod tests {
             [10, 9, 9, 9],
         ] {
             let e = ipam
-                .reserve(s, &owner("c"), Some(Ipv4Addr::from(bad)))
+                .reserve_ip(s, &owner("c"), Some(Ipv4Addr::from(bad)))
                 .unwrap_err();
             assert!(e.msg.contains("not a container address"), "{}", e.msg);
         }
@@ -523,13 +527,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ipam = Ipam::lock(dir.path()).unwrap();
         let s = subnet("10.244.3.0/24");
-        let keep = ipam.reserve(s, &owner("keep"), None).unwrap();
-        let gone = ipam.reserve(s, &owner("gone"), None).unwrap();
+        let keep = ipam.reserve_ip(s, &owner("keep"), None).unwrap();
+        let gone = ipam.reserve_ip(s, &owner("gone"), None).unwrap();
         let other = Owner {
             network: "other".into(),
             ..owner("x")
         };
-        ipam.reserve(s, &other, None).unwrap();
+        ipam.reserve_ip(s, &other, None).unwrap();
         let valid = [Attachment {
             container_id: "keep".into(),
             ifname: "eth0".into(),
@@ -559,7 +563,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ipam.find(s, &owner("a")), None);
-        let b = ipam.reserve(s, &owner("b"), None).unwrap();
+        let b = ipam.reserve_ip(s, &owner("b"), None).unwrap();
         assert_eq!(b, Ipv4Addr::new(10, 244, 3, 2));
         assert_eq!(
             ipam.find(s, &owner("a")),
@@ -581,6 +585,17 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_while_creating_the_directories_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a SIGKILL between `mkdir ipam` and `mkdir ipam/attachments` leaves.
+        fs::create_dir(dir.path().join("ipam")).unwrap();
+        let ipam = Ipam::lock(dir.path()).unwrap();
+        ipam.reserve_ip(subnet("10.244.3.0/24"), &owner("a"), None)
+            .unwrap();
+        ipam.gc("net", &[]).unwrap();
+    }
+
+    #[test]
     fn concurrent_processes_never_share_an_address() {
         let dir = tempfile::tempdir().unwrap();
         let s = subnet("10.244.3.0/24");
@@ -590,7 +605,7 @@ mod tests {
                 std::thread::spawn(move || {
                     // A separate open file description per "process": flock excludes them.
                     let ipam = Ipam::lock(&path).unwrap();
-                    ipam.reserve(s, &owner(&format!("c{i}")), None).unwrap()
+                    ipam.reserve_ip(s, &owner(&format!("c{i}")), None).unwrap()
                 })
             })
             .collect();
@@ -609,7 +624,7 @@ mod tests {
             for (op, who) in ops {
                 let o = owner(&format!("c{who}"));
                 match op {
-                    0 => { let _ = ipam.reserve(s, &o, None); }
+                    0 => { let _ = ipam.reserve_ip(s, &o, None); }
                     1 => { ipam.release(&o).unwrap(); }
                     _ => {
                         let valid: Vec<Attachment> = (0..6)

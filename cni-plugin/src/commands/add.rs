@@ -44,7 +44,7 @@ pub(super) fn add(env: &Env, conf: &PluginConfig) -> CniResult<String> {
 
     let (ip, newly_reserved) = {
         let ipam = Ipam::lock(&conf.data_dir)?;
-        let (ip, newly_reserved) = ipam.reserve_new(settings.subnet, &owner, requested)?;
+        let (ip, newly_reserved) = ipam.reserve(settings.subnet, &owner, requested)?;
         if settings.ip_masq
             && let Err(e) = masq::ensure(&conf.name, settings.subnet)
         {
