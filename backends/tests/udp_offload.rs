@@ -3,10 +3,12 @@
 //! Root only: they fail, never skip, without it. Each test makes two network
 //! namespaces `fuo<pid>x<n>` with a TUN each (`IFF_VNET_HDR`,
 //! `TUNSETOFFLOAD(CSUM | TSO4)`) and forwards between the two TUNs in
-//! userspace, the way the engine will: every read is split with
-//! [`offload::from_tun`] (TSO super-packets into wire-sized segments) and the
-//! segments are merged again with an [`offload::Coalescer`] and written to the
-//! other TUN as TCPv4 GSO super-packets. A real TCP connection from one
+//! userspace, the way the engine does: every read is split with
+//! [`offload::from_tun`] (TSO super-packets into wire-sized segments: new
+//! headers, payload in place, gathered as the engine's GSO send gathers
+//! them) and the segments are merged again with an [`offload::Coalescer`]
+//! and written to the other TUN as TCPv4 GSO super-packets with one `writev`
+//! of the slices the coalescer gives. A real TCP connection from one
 //! namespace to the other must carry its data intact, and the counters show
 //! that super-packets were read and written. Addresses are 10.244.1.2 and
 //! 10.244.2.2, inside the namespaces only; every wait has a deadline, and the
@@ -23,7 +25,9 @@ use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use backends::udp::offload::{self, Coalescer, TUN_READ_BUFFER, TunPacket, VnetHdr};
+use backends::udp::offload::{
+    self, Coalescer, HEADER_BUFFER, PacketAt, TUN_READ_BUFFER, TunPacket, VnetHdr,
+};
 use backends::udp::sys::{
     self, PollFd, SendBatch, TUN_F_CSUM, TUN_F_TSO4, TUN_F_USO4, TUN_F_USO6, Tun, TunOptions,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN,
@@ -94,11 +98,13 @@ struct Stats {
     drops: u64,
 }
 
-/// One direction's state: the coalescer and the split buffers.
+/// One direction's state: the coalescer and the buffers.
 struct Side {
     tun: Tun,
     read_buf: Vec<u8>,
-    split_buf: Vec<u8>,
+    headers: Vec<u8>,
+    /// The segments of one read, back to back, as they would be on the wire.
+    wire: Vec<u8>,
     coalescer: Coalescer,
     scratch: Vec<u8>,
 }
@@ -108,93 +114,111 @@ impl Side {
         Side {
             tun,
             read_buf: vec![0u8; TUN_READ_BUFFER],
-            split_buf: vec![0u8; 2 * TUN_READ_BUFFER],
+            headers: vec![0u8; HEADER_BUFFER],
+            wire: Vec::with_capacity(2 * TUN_READ_BUFFER),
             coalescer: Coalescer::new(),
             scratch: vec![0u8; TUN_READ_BUFFER],
         }
     }
 }
 
-/// Writes one TUN write produced by the coalescer into `to`.
+/// Writes one TUN write produced by the coalescer (its slices, the first
+/// beginning with the virtio-net header) into `to`.
 fn write_out(
     to: &Tun,
-    scratch: &mut [u8],
+    scratch: &mut Vec<u8>,
     mode: WriteMode,
-    hdr: &[u8; VNET_HDR_LEN],
-    packet: &[u8],
+    slices: &[IoSlice<'_>],
     stats: &mut Stats,
 ) {
-    let parsed = VnetHdr::parse(hdr).unwrap();
+    let parsed = VnetHdr::parse(&slices[0]).unwrap();
     let result = if parsed.gso_type == VIRTIO_NET_HDR_GSO_TCPV4 {
         stats.gso_writes += 1;
         assert_eq!(parsed.flags, VIRTIO_NET_HDR_F_NEEDS_CSUM);
         match mode {
-            WriteMode::NeedsCsum => to.write_vectored(&[IoSlice::new(hdr), IoSlice::new(packet)]),
+            WriteMode::NeedsCsum => to.write_vectored(slices),
             WriteMode::FullChecksum => {
-                let p = &mut scratch[..packet.len()];
-                p.copy_from_slice(packet);
+                scratch.clear();
+                for s in slices {
+                    scratch.extend_from_slice(s);
+                }
+                let p = &mut scratch[VNET_HDR_LEN..];
                 p[36..38].fill(0);
                 let sum = tcp_checksum(p);
                 p[36..38].copy_from_slice(&sum.to_be_bytes());
                 let plain = VnetHdr { flags: 0, ..parsed };
-                to.write_vectored(&[IoSlice::new(&plain.to_bytes()), IoSlice::new(p)])
+                scratch[..VNET_HDR_LEN].copy_from_slice(&plain.to_bytes());
+                to.write(scratch)
             }
         }
     } else {
-        to.write_vectored(&[IoSlice::new(hdr), IoSlice::new(packet)])
+        to.write_vectored(slices)
     };
     match result {
         Ok(_) => stats.writes += 1,
         Err(e) => {
-            eprintln!("tun write failed: {e} ({parsed:?}, {} bytes)", packet.len());
+            let len: usize = slices.iter().map(|s| s.len()).sum();
+            eprintln!("tun write failed: {e} ({parsed:?}, {len} bytes)");
             stats.write_errors += 1;
         }
     }
 }
 
-/// Moves what is readable from `from` (up to 64 reads) into `to`, split and
-/// coalesced, then flushes the coalescer.
+/// Moves what is readable from `from` (up to 64 reads) into `to`: each
+/// read is split, its segments gathered into one wire buffer (header and
+/// payload slices, as the engine's GSO send gathers them), pushed through
+/// the coalescer and flushed.
 fn pump(from: &mut Side, to: &Tun, mode: WriteMode, stats: &mut Stats) {
     let Side {
         tun,
         read_buf,
-        split_buf,
+        headers,
+        wire,
         coalescer,
         scratch,
     } = from;
     // Writes are counted in `stats` by the closure, reads in `local`.
     let mut local = Stats::default();
-    {
-        let mut emit = |hdr: &[u8; VNET_HDR_LEN], packet: &[u8]| {
-            write_out(to, scratch, mode, hdr, packet, stats);
+    let mut emit = |slices: &[IoSlice<'_>]| write_out(to, scratch, mode, slices, stats);
+    for _ in 0..64 {
+        let n = match tun.read(read_buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => panic!("tun read: {e}"),
         };
-        for _ in 0..64 {
-            let n = match tun.read(read_buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) => panic!("tun read: {e}"),
-            };
-            let buf = &mut read_buf[..n];
-            local.reads += 1;
-            if VnetHdr::parse(buf).is_some_and(|h| h.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
-                local.gso_reads += 1;
-            }
-            match offload::from_tun(buf, split_buf) {
-                Ok(TunPacket::InPlace(range)) => {
-                    local.segments += 1;
-                    coalescer.push(&buf[range], &mut emit);
-                }
-                Ok(TunPacket::Split(split)) => {
-                    local.segments += u64::try_from(split.count).unwrap();
-                    for segment in split_buf[..split.len].chunks(split.segment) {
-                        coalescer.push(segment, &mut emit);
-                    }
-                }
-                // IPv6 (router solicitations and the like).
-                Err(_) => local.drops += 1,
-            }
+        let buf = &mut read_buf[..n];
+        local.reads += 1;
+        if VnetHdr::parse(buf).is_some_and(|h| h.gso_type != VIRTIO_NET_HDR_GSO_NONE) {
+            local.gso_reads += 1;
         }
-        coalescer.flush(&mut emit);
+        wire.clear();
+        let mut segments = Vec::new();
+        match offload::from_tun(buf, headers) {
+            Ok(TunPacket::InPlace(range)) => {
+                segments.push(0..range.len());
+                wire.extend_from_slice(&buf[range]);
+            }
+            Ok(TunPacket::Segments(split)) => {
+                for part in split.parts(0..split.count(), headers, buf) {
+                    wire.extend_from_slice(part);
+                }
+                assert_eq!(wire.len(), split.wire_len());
+                let step = split.segment_len();
+                segments.extend(
+                    (0..wire.len())
+                        .step_by(step)
+                        .map(|at| at..(at + step).min(wire.len())),
+                );
+            }
+            // IPv6 (router solicitations and the like).
+            Err(_) => local.drops += 1,
+        }
+        local.segments += u64::try_from(segments.len()).unwrap();
+        let batch = std::slice::from_ref(wire);
+        for range in segments {
+            coalescer.push(batch, PacketAt { buffer: 0, range }, &mut emit);
+        }
+        coalescer.flush(batch, &mut emit);
     }
     stats.reads += local.reads;
     stats.gso_reads += local.gso_reads;

@@ -829,6 +829,116 @@ fn udp_gso_splits_a_train_into_datagrams() {
     });
 }
 
+/// Messages gathered from many slices: each datagram of a GSO train is a
+/// 40-byte header slice and a payload slice elsewhere (the engine's split),
+/// and the receiver sees the datagrams whole; too many slices is refused.
+#[test]
+fn udp_gso_gathers_a_train_from_slices() {
+    with_netns(|_ns| {
+        let rx = sys::udp_socket(SocketAddrV4::new(LOCALHOST, 0), false).unwrap();
+        let tx = sys::udp_socket(SocketAddrV4::new(LOCALHOST, 0), false).unwrap();
+        let to = local_v4(&rx);
+        let headers: Vec<Vec<u8>> = (0..7u8).map(|i| vec![i; 40]).collect();
+        let body = payload(4, 6 * 1000 + 300);
+        let train: Vec<&[u8]> = body
+            .chunks(1000)
+            .zip(&headers)
+            .flat_map(|(p, h)| [&h[..], p])
+            .collect();
+        let lone: [&[u8]; 3] = [b"ab", b"", b"cde"];
+        let mut send = SendBatch::with_parts(4, 14);
+        assert_eq!(send.max_parts(), 14);
+        let messages = [(train.clone(), to, Some(1040)), (lone.to_vec(), to, None)];
+        assert_eq!(send.send_parts(&tx, messages).unwrap(), 2);
+        let mut recv = RecvBatch::new(32);
+        let (got, _) = recv_all(&rx, &mut recv, 65536, 8);
+        let want: Vec<Vec<u8>> = train
+            .chunks(2)
+            .map(<[&[u8]]>::concat)
+            .chain([b"abcde".to_vec()])
+            .collect();
+        let got: Vec<Vec<u8>> = got.into_iter().map(|m| m.0).collect();
+        assert_eq!(got, want);
+
+        // 15 slices in a batch of 14 per message: nothing sent, a clear error.
+        let mut too_many = train.clone();
+        too_many.push(b"x");
+        let err = send
+            .send_parts(&tx, [(too_many.clone(), to, Some(1040))])
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+        // After a good message, the bad one stops the batch there.
+        let sent = send
+            .send_parts(&tx, [(lone.to_vec(), to, None), (too_many, to, None)])
+            .unwrap();
+        assert_eq!(sent, 1);
+    });
+}
+
+/// A reuseport group steered by inner flow: every datagram of a flow reaches
+/// the socket its inner addresses and ports hash to (computed here
+/// independently of the BPF program), different flows reach both sockets,
+/// and a datagram too short to hash reaches the first.
+#[test]
+fn reuseport_steers_datagrams_by_inner_flow() {
+    with_netns(|_ns| {
+        let first = sys::udp_socket(SocketAddrV4::new(LOCALHOST, 0), true).unwrap();
+        let to = local_v4(&first);
+        let second = sys::udp_socket(to, true).unwrap();
+        sys::steer_by_inner_flow(&first, 2).unwrap();
+        let tx = sys::udp_socket(SocketAddrV4::new(LOCALHOST, 0), false).unwrap();
+        let be32 = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap());
+        let expected_socket = |p: &[u8]| {
+            let h = be32(&p[20..24]) ^ be32(&p[12..16]) ^ be32(&p[16..20]);
+            usize::try_from((h ^ (h >> 16)) % 2).unwrap()
+        };
+        let inner = |flow: u16, seq: u8| {
+            let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+            p.extend_from_slice(&[10, 244, 1, 2, 10, 244, 2, 2]);
+            p.extend_from_slice(&(40_000 + flow).to_be_bytes());
+            p.extend_from_slice(&5201u16.to_be_bytes());
+            p.extend_from_slice(&[seq; 16]);
+            p
+        };
+        let mut sent = Vec::new();
+        for seq in 0..3 {
+            for flow in 0..16 {
+                let p = inner(flow, seq);
+                tx.send_to(&p, to).unwrap();
+                sent.push(p);
+            }
+        }
+        tx.send_to(&[0x45; 10], to).unwrap();
+        let mut got: Vec<(usize, Vec<u8>)> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = [0u8; 256];
+        while got.len() < sent.len() + 1 && Instant::now() < deadline {
+            for (i, sock) in [&first, &second].into_iter().enumerate() {
+                match sock.recv(&mut buf) {
+                    Ok(n) => got.push((i, buf[..n].to_vec())),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("recv: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(got.len(), sent.len() + 1, "every datagram arrives");
+        for (socket, p) in &got {
+            if p.len() == 10 {
+                assert_eq!(*socket, 0, "too short to hash: the first socket");
+            } else {
+                assert_eq!(*socket, expected_socket(p), "flow {:?}", &p[20..22]);
+            }
+        }
+        let on_second = got.iter().filter(|(s, _)| *s == 1).count();
+        assert!(
+            on_second > 0 && on_second < sent.len(),
+            "16 flows spread over both sockets ({on_second} of {} on the second)",
+            sent.len()
+        );
+    });
+}
+
 #[test]
 fn udp_gro_receives_a_train_as_one_message() {
     with_netns(|_ns| {

@@ -170,6 +170,14 @@ impl Engine {
             if offload && let Err(error) = sys::enable_udp_gro(&socket) {
                 warn!(%error, "UDP GRO is not available; receiving datagram by datagram");
             }
+            // The group's program applies to the sockets bound after this one too.
+            if i == 0
+                && workers > 1
+                && let Err(error) =
+                    sys::steer_by_inner_flow(&socket, u32::try_from(workers).unwrap_or(u32::MAX))
+            {
+                warn!(%error, "cannot spread received flows over the workers; the kernel's hash decides");
+            }
             let shared = Arc::clone(&engine.shared);
             let worker = Worker::new(tun, socket, shared, offload, batch, buffer);
             let handle = thread::Builder::new()

@@ -283,27 +283,33 @@ pub fn update_checksum(checksum: u16, old: u16, new: u16) -> u16 {
 }
 
 /// One's complement sum of `data` as big-endian 16-bit words (an odd last
-/// byte padded with zero), unfolded: [`fold`] it. Adds 8 bytes at a time
-/// with an end-around carry, which is the same sum modulo 0xffff (2^16 = 1
-/// there); the offload code sums whole 64 KiB super-packets with it.
+/// byte padded with zero), as a value to add to other such sums and
+/// [`fold`].
+///
+/// The offload code sums whole 64 KiB super-packets with it, so it is built
+/// for speed: it adds little-endian 32-bit words into eight 64-bit lanes
+/// (no carries to handle before 2^32 additions; the compiler vectorizes the
+/// loop), folds, and swaps the two bytes of the result. A sum of
+/// byte-swapped words is the byte-swapped sum (swapping is multiplying by
+/// 256 modulo 0xffff), so that equals the big-endian sum modulo 0xffff, and
+/// it is 0 only for all-zero data, as the big-endian sum is.
 pub(crate) fn ones_complement_sum(data: &[u8]) -> u64 {
-    let mut words = data.chunks_exact(8);
-    let mut sum: u64 = 0;
+    let mut blocks = data.chunks_exact(32);
+    let mut lanes = [0u64; 8];
+    for block in blocks.by_ref() {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(4)) {
+            *lane += u64::from(u32::from_le_bytes([word[0], word[1], word[2], word[3]]));
+        }
+    }
+    let mut sum: u64 = lanes.iter().map(|&l| (l >> 32) + (l & 0xffff_ffff)).sum();
+    let mut words = blocks.remainder().chunks_exact(2);
     for w in words.by_ref() {
-        let v = u64::from_be_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        let (s, carry) = sum.overflowing_add(v);
-        sum = s + u64::from(carry);
+        sum += u64::from(u16::from_le_bytes([w[0], w[1]]));
     }
-    // Fold to 32 bits so the tail cannot overflow.
-    let mut sum = (sum >> 32) + (sum & 0xffff_ffff);
-    let mut tail = words.remainder().chunks_exact(2);
-    for w in tail.by_ref() {
-        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    if let [last] = words.remainder() {
+        sum += u64::from(*last);
     }
-    if let [last] = tail.remainder() {
-        sum += u64::from(*last) << 8;
-    }
-    sum
+    u64::from(fold(sum).swap_bytes())
 }
 
 /// Folds the carries of a one's complement sum back into 16 bits.
@@ -365,9 +371,10 @@ mod tests {
             }
             sum
         };
-        for len in 0u8..80 {
+        // Lengths around every block and word boundary, and a 64 KiB one.
+        for len in (0u32..200).chain([1448, 1449, 65535, 65536]) {
             let data: Vec<u8> = (0..len)
-                .map(|i: u8| i.wrapping_mul(37).wrapping_add(11))
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0])
                 .collect();
             assert_eq!(
                 u64::from(fold(ones_complement_sum(&data))),

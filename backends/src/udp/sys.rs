@@ -660,6 +660,81 @@ pub fn udp_socket(bind: SocketAddrV4, reuse_port: bool) -> io::Result<UdpSocket>
     Ok(UdpSocket::from(fd))
 }
 
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h; the libc crate has it
+/// for Android only).
+const SO_ATTACH_REUSEPORT_CBPF: c_int = 51;
+
+/// One classic BPF instruction without jumps.
+fn bpf(code: u32, k: u32) -> libc::sock_filter {
+    libc::sock_filter {
+        // Every opcode is an 8-bit or-combination of the BPF_* classes.
+        code: u16::try_from(code).unwrap_or(u16::MAX),
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+/// The classic BPF program [`steer_by_inner_flow`] attaches: it sees the
+/// UDP payload (the inner IPv4 packet) and returns
+/// `h ^ (h >> 16) % sockets` for `h = src ^ dst ^ ports`, the inner
+/// addresses and the 4 bytes after the inner header (TCP/UDP ports). A
+/// packet too short for a load returns 0 (the kernel's rule for a load out of
+/// bounds); an index past the group makes the kernel hash as usual.
+fn inner_flow_program(sockets: u32) -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_IND, BPF_K, BPF_LD, BPF_LDX, BPF_MISC, BPF_MOD,
+        BPF_MSH, BPF_RET, BPF_RSH, BPF_TAX, BPF_W, BPF_X, BPF_XOR,
+    };
+    vec![
+        // X = inner IPv4 header length; A = the 4 bytes after it.
+        bpf(BPF_LDX | BPF_B | BPF_MSH, 0),
+        bpf(BPF_LD | BPF_W | BPF_IND, 0),
+        bpf(BPF_MISC | BPF_TAX, 0),
+        // A = ports ^ src ^ dst.
+        bpf(BPF_LD | BPF_W | BPF_ABS, 12),
+        bpf(BPF_ALU | BPF_XOR | BPF_X, 0),
+        bpf(BPF_MISC | BPF_TAX, 0),
+        bpf(BPF_LD | BPF_W | BPF_ABS, 16),
+        bpf(BPF_ALU | BPF_XOR | BPF_X, 0),
+        // Fold the high half in (the ports differ there), then pick.
+        bpf(BPF_MISC | BPF_TAX, 0),
+        bpf(BPF_ALU | BPF_RSH | BPF_K, 16),
+        bpf(BPF_ALU | BPF_XOR | BPF_X, 0),
+        bpf(BPF_ALU | BPF_MOD | BPF_K, sockets.max(1)),
+        bpf(BPF_RET | BPF_A, 0),
+    ]
+}
+
+/// Spreads the datagrams arriving at the `SO_REUSEPORT` group of `sock` (the
+/// workers' sockets, numbered in the order they were bound) over `sockets`
+/// of them by the inner flow each carries ([`inner_flow_program`]), so that
+/// one flow always reaches the same worker and different flows spread.
+/// Without it the kernel hashes the outer addresses and ports, which are the
+/// same for all traffic between two nodes (flannel's one port): one socket,
+/// one worker, would receive everything a node gets.
+pub fn steer_by_inner_flow(sock: &UdpSocket, sockets: u32) -> io::Result<()> {
+    let mut program = inner_flow_program(sockets);
+    let fprog = libc::sock_fprog {
+        len: to_c(program.len())?,
+        filter: program.as_mut_ptr(),
+    };
+    let len: libc::socklen_t = to_c(std::mem::size_of::<libc::sock_fprog>())?;
+    // SAFETY: `fprog` points at `program`, a live array of exactly `len`
+    // instructions that outlives the call; the kernel copies the program
+    // during the call and keeps no pointer into our memory.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            ptr::from_ref(&fprog).cast::<c_void>(),
+            len,
+        )
+    };
+    check(rc).map(drop)
+}
+
 /// Turns on `UDP_GRO`: the kernel may hand over several datagrams of one flow
 /// as one message, cut at [`RecvBatch::gro_segment`] bytes (the last one may
 /// be shorter). Receive buffers must then be 64 KiB, or coalesced messages
@@ -900,11 +975,16 @@ impl fmt::Debug for RecvBatch {
 /// an optional `UDP_SEGMENT` size.
 pub type SendMsg<'a> = (&'a [u8], SocketAddrV4, Option<u16>);
 
-/// State for `sendmmsg(2)`: headers, `iovec`s, destination addresses and
-/// control buffers for up to [`SendBatch::capacity`] messages, allocated once.
+/// The most slices one message of a [`SendBatch`] may have (`UIO_MAXIOV`).
+pub const MAX_PARTS: usize = 1024;
+
+/// State for `sendmmsg(2)`: headers, `iovec`s (up to
+/// [`SendBatch::max_parts`] per message), destination addresses and control
+/// buffers for up to [`SendBatch::capacity`] messages, allocated once.
 pub struct SendBatch {
     hdrs: Box<[libc::mmsghdr]>,
     iovs: Box<[libc::iovec]>,
+    max_parts: usize,
     addrs: Box<[libc::sockaddr_in]>,
     cmsgs: Box<[CmsgBuf]>,
 }
@@ -916,12 +996,21 @@ pub struct SendBatch {
 unsafe impl Send for SendBatch {}
 
 impl SendBatch {
-    /// A batch for up to `capacity` messages per call (1..=[`MAX_BATCH`]).
+    /// A batch for up to `capacity` messages per call (1..=[`MAX_BATCH`]),
+    /// each from one slice.
     pub fn new(capacity: usize) -> SendBatch {
+        SendBatch::with_parts(capacity, 1)
+    }
+
+    /// A batch for up to `capacity` messages per call (1..=[`MAX_BATCH`]),
+    /// each gathered from up to `max_parts` slices (1..=[`MAX_PARTS`]).
+    pub fn with_parts(capacity: usize, max_parts: usize) -> SendBatch {
         let n = clamp_capacity(capacity);
+        let max_parts = max_parts.clamp(1, MAX_PARTS);
         SendBatch {
             hdrs: (0..n).map(|_| zeroed_mmsghdr()).collect(),
-            iovs: (0..n).map(|_| empty_iovec()).collect(),
+            iovs: (0..n * max_parts).map(|_| empty_iovec()).collect(),
+            max_parts,
             addrs: (0..n).map(|_| zeroed_sockaddr_in()).collect(),
             cmsgs: vec![CmsgBuf::ZERO; n].into_boxed_slice(),
         }
@@ -930,6 +1019,11 @@ impl SendBatch {
     /// The most messages one call sends.
     pub fn capacity(&self) -> usize {
         self.hdrs.len()
+    }
+
+    /// The most slices one message may be gathered from.
+    pub fn max_parts(&self) -> usize {
+        self.max_parts
     }
 
     /// Sends `msgs` (at most [`SendBatch::capacity`] of them) with one
@@ -958,26 +1052,55 @@ impl SendBatch {
     where
         I: IntoIterator<Item = SendMsg<'a>>,
     {
+        self.send_parts(
+            sock,
+            msgs.into_iter()
+                .map(|(payload, to, segment)| (std::iter::once(payload), to, segment)),
+        )
+    }
+
+    /// [`SendBatch::send_from`] for messages gathered from several slices
+    /// each (one `iovec` per slice, nothing copied): a message's datagram,
+    /// or GSO train, is its slices one after the other. A message with more
+    /// than [`SendBatch::max_parts`] slices is not sent, nor any after it;
+    /// if it is the first, the result is an `InvalidInput` error.
+    pub fn send_parts<'a, I, P>(&mut self, sock: &UdpSocket, msgs: I) -> io::Result<usize>
+    where
+        I: IntoIterator<Item = (P, SocketAddrV4, Option<u16>)>,
+        P: IntoIterator<Item = &'a [u8]>,
+    {
         let mut n = 0;
-        for ((((hdr, iov), addr), cmsg), (payload, to, segment)) in self
+        let mut too_many_parts = false;
+        for ((((hdr, iovs), addr), cmsg), (parts, to, segment)) in self
             .hdrs
             .iter_mut()
-            .zip(self.iovs.iter_mut())
+            .zip(self.iovs.chunks_exact_mut(self.max_parts))
             .zip(self.addrs.iter_mut())
             .zip(self.cmsgs.iter_mut())
             .zip(msgs)
         {
-            *iov = libc::iovec {
-                iov_base: payload.as_ptr().cast_mut().cast::<c_void>(),
-                iov_len: payload.len(),
-            };
+            let mut used = 0;
+            for part in parts {
+                let Some(iov) = iovs.get_mut(used) else {
+                    too_many_parts = true;
+                    break;
+                };
+                *iov = libc::iovec {
+                    iov_base: part.as_ptr().cast_mut().cast::<c_void>(),
+                    iov_len: part.len(),
+                };
+                used += 1;
+            }
+            if too_many_parts {
+                break;
+            }
             *addr = sockaddr_in(to);
             hdr.msg_len = 0;
             let msg = &mut hdr.msg_hdr;
             msg.msg_name = ptr::from_mut(addr).cast::<c_void>();
             msg.msg_namelen = SOCKADDR_IN_LEN;
-            msg.msg_iov = ptr::from_mut(iov);
-            msg.msg_iovlen = 1;
+            msg.msg_iov = iovs.as_mut_ptr();
+            msg.msg_iovlen = used as _;
             msg.msg_flags = 0;
             match segment {
                 Some(size) => {
@@ -993,15 +1116,22 @@ impl SendBatch {
             n += 1;
         }
         if n == 0 {
+            if too_many_parts {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a message has more than {} parts", self.max_parts),
+                ));
+            }
             return Ok(0);
         }
         let vlen: c_uint = to_c(n)?;
         // SAFETY: the first `n` headers are initialised above: each points at
-        // its own `iovec`, `sockaddr_in` and (optional) control buffer,
-        // elements of this batch's boxed arrays with their true lengths, and
-        // each `iovec` covers one payload slice borrowed for `'a`, which
-        // outlives this call. The kernel only reads those and writes each
-        // header's `msg_len`.
+        // its own run of `iovec`s (`msg_iovlen` of them, all initialised),
+        // `sockaddr_in` and (optional) control buffer, elements of this
+        // batch's boxed arrays with their true lengths, and each `iovec`
+        // covers one payload slice borrowed for `'a`, which outlives this
+        // call. The kernel only reads those and writes each header's
+        // `msg_len`.
         let rc = unsafe {
             libc::sendmmsg(
                 sock.as_raw_fd(),

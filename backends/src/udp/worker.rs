@@ -2,20 +2,21 @@
 //!
 //! Two modes, chosen when the engine starts:
 //! - offload: the TUN speaks virtio-net headers with TSO, so one read is a
-//!   TCP super-packet of up to 64 KiB; it is split into MTU-sized segments
-//!   once and sent to the peer with UDP GSO (one `sendmmsg` for all of
-//!   them). Received UDP GRO batches are cut into their datagrams, checked
-//!   one by one and merged back into TCP super-packets for the TUN
-//!   ([`Coalescer`]);
+//!   TCP super-packet of up to 64 KiB; it is cut into MTU-sized segments
+//!   (new headers, payload left in place) and sent to the peer with UDP GSO
+//!   (one `sendmmsg` for all of them, gathered from the headers and the
+//!   read buffer). Received UDP GRO batches are cut into their datagrams,
+//!   checked one by one and merged back into TCP super-packets for the TUN
+//!   ([`Coalescer`], one `writev` from where they were received);
 //! - plain: one packet per TUN read, batches of packets per `sendmmsg`, and
 //!   one TUN write per datagram.
 //!
-//! A packet is never copied on its way in either mode except where merging
-//! or splitting has to write new headers.
+//! Packet payload is never copied in userspace in either mode: only the
+//! headers that splitting and merging write are.
 
 use std::io::{self, ErrorKind, IoSlice};
+use std::iter;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
@@ -23,10 +24,12 @@ use std::sync::{Arc, PoisonError};
 use tracing::{debug, warn};
 
 use super::engine::{Counters, Shared};
-use super::offload::{self, Coalescer, SPLIT_BUFFER, TUN_READ_BUFFER, TunPacket, VNET_HDR_NONE};
+use super::offload::{
+    self, Coalescer, HEADER_BUFFER, PacketAt, TUN_READ_BUFFER, TunPacket, VNET_HDR_NONE,
+};
 use super::packet::{self, DropReason};
 use super::peers::PeerTable;
-use super::sys::{self, PollFd, RecvBatch, SendBatch, Tun, UDP_MAX_SEGMENTS};
+use super::sys::{self, PollFd, RecvBatch, SendBatch, Tun, UDP_MAX_SEGMENTS, VNET_HDR_LEN};
 
 /// How long a worker sleeps in `poll` before it looks at the stop flag.
 const POLL_MS: i32 = 100;
@@ -48,13 +51,14 @@ pub(super) struct Worker {
     offload: bool,
     /// Receive buffers; in plain mode also the TUN read buffers.
     buffers: Vec<Vec<u8>>,
-    /// Offload mode: the TUN read buffer and the split output.
+    /// Where the inner packets of the last receive batch that passed the
+    /// checks are.
+    accepted: Vec<PacketAt>,
+    /// Offload mode: the TUN read buffer and the segment headers of a split.
     tun_buf: Vec<u8>,
-    split: Vec<u8>,
+    headers: Vec<u8>,
     /// Plain mode: (buffer, length, peer) of the packets to send.
     out: Vec<(usize, usize, SocketAddrV4)>,
-    /// Offload mode: the sends of one split.
-    sends: Vec<(Range<usize>, Option<u16>)>,
     /// Where an ICMP error is built.
     icmp: Vec<u8>,
     recv: RecvBatch,
@@ -78,6 +82,7 @@ impl Worker {
         } else {
             (batch, mtu_buffer)
         };
+        let only_if = |yes: bool, len: usize| if yes { vec![0; len] } else { Vec::new() };
         Self {
             tun,
             socket,
@@ -86,21 +91,19 @@ impl Worker {
             shared,
             offload,
             buffers: (0..count).map(|_| vec![0; size]).collect(),
-            tun_buf: if offload {
-                vec![0; TUN_READ_BUFFER]
-            } else {
-                Vec::new()
-            },
-            split: if offload {
-                vec![0; SPLIT_BUFFER]
-            } else {
-                Vec::new()
-            },
+            // A GRO message holds up to UDP_MAX_SEGMENTS datagrams.
+            accepted: Vec::with_capacity(count * if offload { UDP_MAX_SEGMENTS } else { 1 }),
+            tun_buf: only_if(offload, TUN_READ_BUFFER),
+            headers: only_if(offload, HEADER_BUFFER),
             out: Vec::with_capacity(batch),
-            sends: Vec::with_capacity(8),
             icmp: vec![0; packet::ICMP_ERROR_MAX_LEN],
             recv: RecvBatch::new(count),
-            send: SendBatch::new(batch.max(8)),
+            // Offload: a GSO send is a header and a payload slice per segment.
+            send: if offload {
+                SendBatch::with_parts(batch.max(8), 2 * UDP_MAX_SEGMENTS)
+            } else {
+                SendBatch::new(batch)
+            },
             coalescer: Coalescer::new(),
         }
     }
@@ -180,7 +183,7 @@ impl Worker {
         let messages = self
             .out
             .iter()
-            .map(|&(i, len, peer)| (&buffers[i][..len], peer, None));
+            .map(|&(i, len, peer)| (iter::once(&buffers[i][..len]), peer, None));
         send_all(
             &mut self.send,
             &self.socket,
@@ -191,7 +194,10 @@ impl Worker {
     }
 
     /// Offload mode: each TUN read is one packet or a super-packet; it is
-    /// split if needed and sent to its peer in one `sendmmsg` of GSO sends.
+    /// routed (TTL decremented once, before the headers are copied), its
+    /// segments' headers written, and it is sent to its peer in one
+    /// `sendmmsg` of GSO sends gathered from those headers and the read
+    /// buffer.
     fn tun_to_udp_offload(&mut self) -> io::Result<()> {
         let counters = Arc::clone(&self.shared.counters);
         for _ in 0..TUN_READS_PER_WAKEUP {
@@ -200,81 +206,51 @@ impl Worker {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             };
-            let read = match offload::from_tun(&mut self.tun_buf[..len], &mut self.split) {
-                Ok(read) => read,
+            let read = &mut self.tun_buf[..len];
+            let Some(packet) = read.get_mut(VNET_HDR_LEN..) else {
+                counters.count_drop(DropReason::TooShort);
+                continue;
+            };
+            let peer = match self.peers.outbound(packet) {
+                Ok((peer, _)) => peer,
+                Err(DropReason::NoRoute) => {
+                    answer_unreachable(&self.tun, &self.shared, &mut self.icmp, true, packet);
+                    continue;
+                }
                 Err(reason) => {
                     counters.count_drop(reason);
                     continue;
                 }
             };
-            let (split, range, segment) = match read {
-                TunPacket::InPlace(range) => {
-                    let n = range.len();
-                    (None, range, n)
+            match offload::from_tun(read, &mut self.headers) {
+                Ok(TunPacket::InPlace(range)) => {
+                    let message = (iter::once(&read[range]), peer, None);
+                    send_all(
+                        &mut self.send,
+                        &self.socket,
+                        iter::once(message),
+                        1,
+                        &counters,
+                    )?;
                 }
-                TunPacket::Split(split) => (Some(split), 0..split.len, split.segment),
-            };
-            let in_split = split.is_some();
-            let data = if in_split {
-                &mut self.split[range.clone()]
-            } else {
-                &mut self.tun_buf[range.clone()]
-            };
-            let first = segment.min(data.len());
-            let info = match packet::parse(&data[..first]) {
-                Ok(info) => info,
-                Err(reason) => {
-                    counters.count_drop(reason);
-                    continue;
+                Ok(TunPacket::Segments(segments)) => {
+                    let (headers, read) = (&self.headers[..], &*read);
+                    let messages = segments
+                        .batches(UDP_MAX_SEGMENTS)
+                        .map(|(run, gso)| (segments.parts(run, headers, read), peer, gso));
+                    let count = segments.batches(UDP_MAX_SEGMENTS).count();
+                    send_all(&mut self.send, &self.socket, messages, count, &counters)?;
                 }
-            };
-            let Some(peer) = self.peers.lookup(info.dst) else {
-                answer_unreachable(
-                    &self.tun,
-                    &self.shared,
-                    &mut self.icmp,
-                    self.offload,
-                    &data[..first],
-                );
-                continue;
-            };
-            // Every segment has its own header: the TTL goes down in each.
-            if let Some(reason) = data
-                .chunks_mut(segment.max(1))
-                .find_map(|seg| packet::decrement_ttl(seg).err())
-            {
-                counters.count_drop(reason);
-                continue;
+                Err(reason) => counters.count_drop(reason),
             }
-            self.sends.clear();
-            if let Some(split) = split {
-                self.sends.extend(split.batches(UDP_MAX_SEGMENTS));
-            } else {
-                self.sends.push((0..range.len(), None));
-            }
-            let data = if in_split {
-                &self.split[range]
-            } else {
-                &self.tun_buf[range]
-            };
-            let messages = self
-                .sends
-                .iter()
-                .map(|(r, gso)| (&data[r.clone()], peer, *gso));
-            send_all(
-                &mut self.send,
-                &self.socket,
-                messages,
-                self.sends.len(),
-                &counters,
-            )?;
         }
         Ok(())
     }
 
     /// Receives up to a batch of datagrams (GRO batches when enabled) in one
-    /// `recvmmsg`; every inner packet is checked (sender, inner source, TTL)
-    /// and written to the TUN, merged into super-packets in offload mode.
+    /// `recvmmsg`; every inner packet is checked in place (sender, inner
+    /// source, TTL), then the ones that pass are written to the TUN, merged
+    /// into super-packets in offload mode.
     fn udp_to_tun(&mut self) -> io::Result<()> {
         let n = match self.recv.recv(&self.socket, &mut self.buffers) {
             Ok(n) => n,
@@ -282,18 +258,7 @@ impl Worker {
             Err(e) => return Err(e),
         };
         let counters = Arc::clone(&self.shared.counters);
-        let tun = &self.tun;
-        let mut fatal = None;
-        let mut emit = |hdr: &[u8; sys::VNET_HDR_LEN], inner: &[u8]| match tun
-            .write_vectored(&[IoSlice::new(hdr), IoSlice::new(inner)])
-        {
-            Ok(_) => {}
-            Err(e) if is_fatal(&e) => fatal = Some(e),
-            Err(e) => {
-                debug!(error = %e, "TUN write failed");
-                counters.count_drop(DropReason::SendFailed);
-            }
-        };
+        self.accepted.clear();
         for i in 0..n {
             if self.recv.truncated(i) {
                 counters.count_drop(DropReason::Oversize);
@@ -305,31 +270,44 @@ impl Worker {
             };
             let len = self.recv.len(i);
             let stride = self.recv.gro_segment(i).map_or(len, usize::from).max(1);
-            for datagram in self.buffers[i][..len].chunks_mut(stride) {
-                let total = match self.peers.inbound(from, datagram, offload::MAX_PACKET) {
-                    Ok(total) => total,
-                    Err(reason) => {
-                        counters.count_drop(reason);
-                        continue;
+            for (k, datagram) in self.buffers[i][..len].chunks_mut(stride).enumerate() {
+                match self.peers.inbound(from, datagram, offload::MAX_PACKET) {
+                    Ok(total) => {
+                        let start = k * stride;
+                        self.accepted.push(PacketAt {
+                            buffer: i,
+                            range: start..start + total,
+                        });
                     }
-                };
-                counters.received.fetch_add(1, Ordering::Relaxed);
-                let inner = &datagram[..total];
-                if self.offload {
-                    self.coalescer.push(inner, &mut emit);
-                } else {
-                    match tun.write(inner) {
-                        Ok(_) => {}
-                        Err(e) if is_fatal(&e) => return Err(e),
-                        Err(e) => {
-                            debug!(error = %e, "TUN write failed");
-                            counters.count_drop(DropReason::SendFailed);
-                        }
-                    }
+                    Err(reason) => counters.count_drop(reason),
                 }
             }
         }
-        self.coalescer.flush(&mut emit);
+        let accepted = u64::try_from(self.accepted.len()).unwrap_or(u64::MAX);
+        counters.received.fetch_add(accepted, Ordering::Relaxed);
+
+        let tun = &self.tun;
+        let mut fatal = None;
+        let mut emit = |slices: &[IoSlice<'_>]| match tun.write_vectored(slices) {
+            Ok(_) => {}
+            Err(e) if is_fatal(&e) => fatal = Some(e),
+            Err(e) => {
+                debug!(error = %e, "TUN write failed");
+                counters.count_drop(DropReason::SendFailed);
+            }
+        };
+        if self.offload {
+            for at in self.accepted.drain(..) {
+                self.coalescer.push(&self.buffers, at, &mut emit);
+            }
+            self.coalescer.flush(&self.buffers, &mut emit);
+        } else {
+            for at in &self.accepted {
+                if let Some(packet) = self.buffers[at.buffer].get(at.range.clone()) {
+                    emit(&[IoSlice::new(packet)]);
+                }
+            }
+        }
         fatal.map_or(Ok(()), Err)
     }
 }
@@ -365,16 +343,19 @@ fn answer_unreachable(
 /// Sends `count` messages with `sendmmsg`, resuming after partial sends,
 /// waiting once for room when the socket buffer is full, and skipping a
 /// message the kernel refuses; counts what was sent and what was dropped.
-fn send_all<'a>(
+fn send_all<'a, P>(
     batch: &mut SendBatch,
     socket: &UdpSocket,
-    messages: impl Iterator<Item = sys::SendMsg<'a>> + Clone,
+    messages: impl Iterator<Item = (P, SocketAddrV4, Option<u16>)> + Clone,
     count: usize,
     counters: &Counters,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    P: IntoIterator<Item = &'a [u8]>,
+{
     let (mut done, mut sent) = (0, 0);
     while done < count {
-        match batch.send_from(socket, messages.clone().skip(done)) {
+        match batch.send_parts(socket, messages.clone().skip(done)) {
             Ok(0) => break,
             Ok(n) => {
                 done += n;

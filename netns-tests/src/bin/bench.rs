@@ -315,7 +315,9 @@ fn section_e(summary: &mut Vec<String>, failed: &mut Vec<String>) {
 
 /// Section f: the udp backend's throughput against VXLAN and a naive loop.
 fn section_f(summary: &mut Vec<String>, failed: &mut Vec<String>) {
-    section("f. TCP container to container: udp backend vs VXLAN vs a naive loop (iperf3 -t 5)");
+    section(
+        "f. TCP container to container: udp backend vs VXLAN vs a naive loop (iperf3 -t 5, median of 3 interleaved rounds)",
+    );
     let paths = match udp::run() {
         Ok(p) => p,
         Err(e) => return fail(failed, "f", &e),

@@ -1,5 +1,9 @@
 //! Network -> TUN: consecutive TCP segments merged back into super-packets
-//! for one TUN write each (see the parent module).
+//! for one TUN write each, without copying their payload (see the parent
+//! module).
+
+use std::io::IoSlice;
+use std::ops::Range;
 
 use super::{
     IP_ADDRS, IP_CHECKSUM, IP_DF_BYTE, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOS, IP_TOTAL_LEN, IP_TTL,
@@ -9,6 +13,30 @@ use super::{
 };
 use crate::udp::packet::{self, MIN_HEADER_LEN, fold, ones_complement_sum};
 use crate::udp::sys::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN};
+
+/// The most segments one super-packet merges (one `iovec` each, on the
+/// stack): as many as one UDP GRO message carries.
+pub const MAX_MERGED_SEGMENTS: usize = 64;
+
+/// The longest TCP header (data offset 15).
+const TCP_MAX_HEADER_LEN: usize = 60;
+
+/// Where an inner packet is in a receive batch: bytes `range` of buffer
+/// `buffer`. The range is the whole IPv4 packet (its total length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacketAt {
+    /// Index of the buffer in the batch.
+    pub buffer: usize,
+    /// The packet's bytes in that buffer.
+    pub range: Range<usize>,
+}
+
+impl PacketAt {
+    /// The packet's bytes in `batch` (`None` if it is not there).
+    fn resolve<'a, B: AsRef<[u8]>>(&self, batch: &'a [B]) -> Option<&'a [u8]> {
+        batch.get(self.buffer)?.as_ref().get(self.range.clone())
+    }
+}
 
 /// One TCP segment that may be merged, as [`candidate`] found it.
 #[derive(Debug, Clone, Copy)]
@@ -32,7 +60,8 @@ struct Pending {
     segments: usize,
     next_seq: u32,
     next_id: u16,
-    /// A short or PSH segment ended it: nothing more may follow.
+    /// A short or PSH segment, or the segment limit, ended it: nothing more
+    /// may follow.
     closed: bool,
 }
 
@@ -41,26 +70,35 @@ struct Pending {
 /// what the kernel's GRO does for a NIC).
 ///
 /// Feed it the inner IPv4 packets of a receive batch in order with
-/// [`Coalescer::push`] and end the batch with [`Coalescer::flush`]; both call
-/// `emit(vnet_hdr, packet)` for every TUN write that is ready (write the two
-/// slices with one `writev`). A segment joins the pending super-packet when
-/// it is the same flow (addresses, ports), the IPv4 header has no options,
-/// the same TOS, TTL and DF, and the next ID; the TCP header has the next
-/// sequence number, the same length, acknowledgment number, window, urgent
-/// pointer, options and flags (PSH may come on the last segment, which
-/// ends the super-packet); it carries data, no more than the first segment
-/// (a shorter one ends the super-packet); its IPv4 and TCP checksums verify;
-/// and the result stays within 65535 bytes. SYN, FIN, RST, URG or CWR
-/// segments, fragments, other protocols and anything that does not parse are
-/// passed on alone, unchanged, behind [`VNET_HDR_NONE`] (without a copy
-/// when not TCP), as is a run of one.
+/// [`Coalescer::push`] and end the batch with [`Coalescer::flush`], passing
+/// the same batch of buffers to every call in between (a pending
+/// super-packet refers to its segments' payloads where they are). Both call
+/// `emit(slices)` for every TUN write that is ready: write the slices with
+/// one `writev`; the first begins with the `virtio_net_hdr`.
 ///
-/// Limits: only *consecutive* segments merge (flows interleaved packet by
-/// packet are not); TCP over IPv4 only; one 64 KiB staging buffer, allocated
-/// by [`Coalescer::new`], nothing after.
+/// A segment joins the pending super-packet when it is the same flow
+/// (addresses, ports), the IPv4 header has no options, the same TOS, TTL and
+/// DF, and the next ID; the TCP header has the next sequence number, the
+/// same length, acknowledgment number, window, urgent pointer, options and
+/// flags (PSH may come on the last segment, which ends the super-packet);
+/// it carries data, no more than the first segment (a shorter one ends the
+/// super-packet); its IPv4 and TCP checksums verify; and the result stays
+/// within 65535 bytes and [`MAX_MERGED_SEGMENTS`]. SYN, FIN, RST, URG or CWR
+/// segments, fragments, other protocols and anything that does not parse
+/// are passed on alone, unchanged, behind [`VNET_HDR_NONE`], as is a run of
+/// one.
+///
+/// Nothing is copied but the first segment's headers (up to 80 bytes); no
+/// allocation after [`Coalescer::new`]. Limits: only *consecutive* segments
+/// merge (flows interleaved packet by packet are not); TCP over IPv4 only.
 pub struct Coalescer {
-    /// `virtio_net_hdr` + the pending packet.
-    buf: Box<[u8]>,
+    /// `virtio_net_hdr` + the first segment's IPv4 and TCP headers, which
+    /// become the super-packet's.
+    head: [u8; VNET_HDR_LEN + MIN_HEADER_LEN + TCP_MAX_HEADER_LEN],
+    /// The whole first segment: written as it is if nothing joins it.
+    first: PacketAt,
+    /// The payload of every segment, in order.
+    payloads: Vec<PacketAt>,
     pending: Option<Pending>,
     merged: u64,
 }
@@ -81,10 +119,15 @@ impl Default for Coalescer {
 }
 
 impl Coalescer {
-    /// A coalescer with its staging buffer (64 KiB + header).
+    /// An empty coalescer.
     pub fn new() -> Coalescer {
         Coalescer {
-            buf: vec![0u8; VNET_HDR_LEN + MAX_PACKET].into_boxed_slice(),
+            head: [0; VNET_HDR_LEN + MIN_HEADER_LEN + TCP_MAX_HEADER_LEN],
+            first: PacketAt {
+                buffer: 0,
+                range: 0..0,
+            },
+            payloads: Vec::with_capacity(MAX_MERGED_SEGMENTS),
             pending: None,
             merged: 0,
         }
@@ -102,85 +145,114 @@ impl Coalescer {
         self.pending.is_some()
     }
 
-    /// Takes the next inner packet; calls `emit` for what becomes ready
-    /// (the pending super-packet when `packet` does not continue it, and
-    /// `packet` itself when it cannot be merged at all).
-    pub fn push<F>(&mut self, packet: &[u8], emit: &mut F)
+    /// Takes the next inner packet, at `at` in `batch`; calls `emit` for
+    /// what becomes ready (the pending super-packet when this packet does
+    /// not continue it, and this packet itself when it cannot be merged at
+    /// all). A location outside `batch` is ignored.
+    pub fn push<B, F>(&mut self, batch: &[B], at: PacketAt, emit: &mut F)
     where
-        F: FnMut(&[u8; VNET_HDR_LEN], &[u8]),
+        B: AsRef<[u8]>,
+        F: FnMut(&[IoSlice<'_>]),
     {
+        let Some(packet) = at.resolve(batch) else {
+            return;
+        };
         let Some(seg) = candidate(packet) else {
-            self.flush(emit);
-            emit(&VNET_HDR_NONE, packet);
+            self.flush(batch, emit);
+            emit(&[IoSlice::new(&VNET_HDR_NONE), IoSlice::new(packet)]);
             return;
         };
         if let Some(p) = self.pending
             && self.can_append(&p, packet, &seg)
         {
-            self.append(p, packet, &seg);
+            self.append(p, &at, &seg);
         } else {
-            self.flush(emit);
-            self.start(packet, &seg);
+            self.flush(batch, emit);
+            self.start(packet, at, &seg);
         }
         if self.pending.is_some_and(|p| p.closed) {
-            self.flush(emit);
+            self.flush(batch, emit);
         }
     }
 
     /// Emits the pending super-packet, if any.
-    pub fn flush<F>(&mut self, emit: &mut F)
+    pub fn flush<B, F>(&mut self, batch: &[B], emit: &mut F)
     where
-        F: FnMut(&[u8; VNET_HDR_LEN], &[u8]),
+        B: AsRef<[u8]>,
+        F: FnMut(&[IoSlice<'_>]),
     {
         let Some(p) = self.pending.take() else {
             return;
         };
-        let Some((hdr, rest)) = self.buf.split_first_chunk_mut::<VNET_HDR_LEN>() else {
-            return;
-        };
-        let Some(packet) = rest.get_mut(..p.total) else {
-            return;
-        };
         if p.segments == 1 {
             // Untouched: its own checksums are still right.
-            emit(&VNET_HDR_NONE, packet);
+            if let Some(packet) = self.first.resolve(batch) {
+                emit(&[IoSlice::new(&VNET_HDR_NONE), IoSlice::new(packet)]);
+            }
             return;
         }
-        let ip_hl = MIN_HEADER_LEN;
+        let mut slices = [IoSlice::new(&[]); 1 + MAX_MERGED_SEGMENTS];
+        for (slice, at) in slices[1..].iter_mut().zip(&self.payloads) {
+            // Only a caller passing another batch than before could miss.
+            let Some(payload) = at.resolve(batch) else {
+                return;
+            };
+            *slice = IoSlice::new(payload);
+        }
+        let head_len = VNET_HDR_LEN + MIN_HEADER_LEN + p.tcp_hl;
+        let Some((vnet, headers)) = self
+            .head
+            .get_mut(..head_len)
+            .and_then(|h| h.split_first_chunk_mut::<VNET_HDR_LEN>())
+        else {
+            return;
+        };
         // p.total <= MAX_PACKET, checked on every append.
         let total = u16::try_from(p.total).unwrap_or(u16::MAX);
-        put16(packet, IP_TOTAL_LEN, total);
-        put16(packet, IP_CHECKSUM, 0);
-        let ip_sum = packet::internet_checksum(packet.get(..ip_hl).unwrap_or(&[]));
-        put16(packet, IP_CHECKSUM, ip_sum);
+        put16(headers, IP_TOTAL_LEN, total);
+        put16(headers, IP_CHECKSUM, 0);
+        let ip_sum = packet::internet_checksum(headers.get(..MIN_HEADER_LEN).unwrap_or(&[]));
+        put16(headers, IP_CHECKSUM, ip_sum);
         // The pseudo-header sum, not complemented: the kernel adds the rest.
         let tcp_len = u64::from(total) - 20;
         let pseudo = fold(
-            ones_complement_sum(packet.get(IP_ADDRS).unwrap_or(&[]))
+            ones_complement_sum(headers.get(IP_ADDRS).unwrap_or(&[]))
                 + u64::from(IPPROTO_TCP)
                 + tcp_len,
         );
-        put16(packet, ip_hl + TCP_CHECKSUM_OFF, pseudo);
-        let vnet = VnetHdr {
+        put16(headers, MIN_HEADER_LEN + TCP_CHECKSUM_OFF, pseudo);
+        *vnet = VnetHdr {
             flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
             gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
-            hdr_len: u16::try_from(ip_hl + p.tcp_hl).unwrap_or(0),
+            hdr_len: u16::try_from(MIN_HEADER_LEN + p.tcp_hl).unwrap_or(0),
             gso_size: u16::try_from(p.gso_size).unwrap_or(0),
             csum_start: 20,
             csum_offset: 16,
-        };
-        *hdr = vnet.to_bytes();
-        emit(hdr, packet);
+        }
+        .to_bytes();
+        slices[0] = IoSlice::new(&self.head[..head_len]);
+        emit(&slices[..1 + self.payloads.len()]);
     }
 
-    fn start(&mut self, packet: &[u8], seg: &Segment) {
+    fn start(&mut self, packet: &[u8], at: PacketAt, seg: &Segment) {
+        let hl = MIN_HEADER_LEN + seg.tcp_hl;
         let (Some(dst), Some(src)) = (
-            self.buf.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + seg.total),
-            packet.get(..seg.total),
+            self.head.get_mut(VNET_HDR_LEN..VNET_HDR_LEN + hl),
+            packet.get(..hl),
         ) else {
             return;
         };
         dst.copy_from_slice(src);
+        let start = at.range.start;
+        self.payloads.clear();
+        self.payloads.push(PacketAt {
+            buffer: at.buffer,
+            range: start + hl..start + seg.total,
+        });
+        self.first = PacketAt {
+            buffer: at.buffer,
+            range: start..start + seg.total,
+        };
         self.pending = Some(Pending {
             total: seg.total,
             tcp_hl: seg.tcp_hl,
@@ -205,7 +277,7 @@ impl Coalescer {
             return false;
         }
         let Some(first) = self
-            .buf
+            .head
             .get(VNET_HDR_LEN..VNET_HDR_LEN + MIN_HEADER_LEN + p.tcp_hl)
         else {
             return false;
@@ -229,18 +301,15 @@ impl Coalescer {
             && ft[18..] == tt[18..]
     }
 
-    fn append(&mut self, mut p: Pending, packet: &[u8], seg: &Segment) {
+    fn append(&mut self, mut p: Pending, at: &PacketAt, seg: &Segment) {
         let hl = MIN_HEADER_LEN + p.tcp_hl;
-        let at = VNET_HDR_LEN + p.total;
-        let (Some(dst), Some(src)) = (
-            self.buf.get_mut(at..at + seg.payload),
-            packet.get(hl..hl + seg.payload),
-        ) else {
-            return;
-        };
-        dst.copy_from_slice(src);
+        let start = at.range.start;
+        self.payloads.push(PacketAt {
+            buffer: at.buffer,
+            range: start + hl..start + hl + seg.payload,
+        });
         if seg.psh
-            && let Some(flags) = self.buf.get_mut(VNET_HDR_LEN + MIN_HEADER_LEN + TCP_FLAGS)
+            && let Some(flags) = self.head.get_mut(VNET_HDR_LEN + MIN_HEADER_LEN + TCP_FLAGS)
         {
             *flags |= TCP_PSH;
         }
@@ -250,7 +319,7 @@ impl Coalescer {
             .seq
             .wrapping_add(u32::try_from(seg.payload).unwrap_or(0));
         p.next_id = seg.id.wrapping_add(1);
-        p.closed = seg.psh || seg.payload < p.gso_size;
+        p.closed = seg.psh || seg.payload < p.gso_size || p.segments == MAX_MERGED_SEGMENTS;
         self.pending = Some(p);
         self.merged += 1;
     }
@@ -307,7 +376,7 @@ pub fn gro_datagrams(message: &[u8], gro_segment: Option<u16>) -> std::slice::Ch
 mod tests {
     use super::*;
     use crate::udp::offload::fixtures::*;
-    use crate::udp::offload::{from_tun, split_for_gso};
+    use crate::udp::offload::from_tun;
     use crate::udp::sys::VIRTIO_NET_HDR_GSO_NONE;
     use proptest::prelude::*;
 
@@ -352,8 +421,7 @@ mod tests {
         let mut buf = h.to_bytes().to_vec();
         buf.extend_from_slice(&full);
         buf[1] = VIRTIO_NET_HDR_GSO_NONE;
-        let mut out = [0u8; 0];
-        from_tun(&mut buf, &mut out).unwrap();
+        from_tun(&mut buf, &mut []).unwrap();
         full.copy_from_slice(&buf[10..]);
         assert!(l4_ok(&full, IPPROTO_TCP));
         let joined: Vec<u8> = segs.iter().flat_map(|s| tcp_payload(s).to_vec()).collect();
@@ -484,9 +552,13 @@ mod tests {
             v.push(tcp_packet(&tt, &pattern(1000, 0)));
             assert_eq!(count(&v), vec![2, 1]);
         }
-        // 64 KiB is the limit.
+        // 64 KiB is the limit, and so are MAX_MERGED_SEGMENTS.
         let v = flow(70, 1000, &t);
-        assert_eq!(count(&v), vec![65, 5]);
+        assert_eq!(count(&v), vec![64, 6]);
+        let v = flow(70, 1020, &t);
+        assert_eq!(count(&v), vec![64, 6]);
+        let v = flow(70, 1100, &t);
+        assert_eq!(count(&v), vec![59, 11]);
     }
 
     #[test]
@@ -529,11 +601,9 @@ mod tests {
             let input = tun_read(original.clone(), VIRTIO_NET_HDR_GSO_TCPV4, mss as u16);
             let hl = 40 + options.len();
             let count = payload_len.div_ceil(mss).max(1);
-            let mut out = vec![0u8; count * hl + payload_len];
-            let split = split_for_gso(&input, &mut out).unwrap();
-            prop_assert_eq!(split.count, count);
-            prop_assert_eq!(split.len, out.len());
-            let segs = segments(&out, &split);
+            let (split, segs) = split_into(&input, &mut vec![0u8; count * hl]).unwrap();
+            prop_assert_eq!(split.count(), count);
+            prop_assert_eq!(split.wire_len(), count * hl + payload_len);
             for (i, s) in segs.iter().enumerate() {
                 prop_assert!(packet::parse(s).is_ok());
                 prop_assert!(ip_ok(s) && l4_ok(s, IPPROTO_TCP));
@@ -545,7 +615,13 @@ mod tests {
             let writes = coalesce(&segs);
             let joined: Vec<u8> = writes.iter().flat_map(|(_, p)| tcp_payload(p).to_vec()).collect();
             prop_assert_eq!(&joined, &payload);
-            if count >= 2 && payload_len > 0 {
+            if count > MAX_MERGED_SEGMENTS {
+                // The first writes take MAX_MERGED_SEGMENTS segments each.
+                prop_assert_eq!(writes.len(), count.div_ceil(MAX_MERGED_SEGMENTS));
+                let (h, p) = &writes[0];
+                prop_assert_eq!(h.gso_size as usize, mss);
+                prop_assert_eq!(p.len(), hl + MAX_MERGED_SEGMENTS * mss);
+            } else if count >= 2 && payload_len > 0 {
                 prop_assert_eq!(writes.len(), 1);
                 let (h, p) = &writes[0];
                 prop_assert_eq!(h.gso_size as usize, mss);

@@ -6,21 +6,23 @@
 //! accepts super-packets on write. The wire between nodes still carries one
 //! plain IPv4 packet per UDP datagram (flannel's format), so:
 //!
-//! - **TUN -> network** ([`from_tun`], [`split_for_gso`]): a super-packet is
-//!   cut into wire-ready IPv4 packets, each with its own IPv4 header (total
-//!   length, ID + i, header checksum) and TCP header (sequence number
-//!   advanced, FIN/PSH only on the last segment, CWR only on the first) or
-//!   UDP header (length), and a complete L4 checksum. The segments are
-//!   written back to back, every one but the last exactly
-//!   [`GsoSplit::segment`] bytes long, so one `sendmsg` with `UDP_SEGMENT`
-//!   carries them all to the peer ([`GsoSplit::batches`] cuts that into what
-//!   one send may carry). A plain packet only gets its checksum completed
-//!   when the header says `NEEDS_CSUM`, in place.
+//! - **TUN -> network** ([`from_tun`]): a super-packet is cut into
+//!   wire-ready IPv4 packets, each with its own IPv4 header (total length,
+//!   ID + i, header checksum) and TCP header (sequence number advanced,
+//!   FIN/PSH only on the last segment, CWR only on the first) or UDP header
+//!   (length), and a complete L4 checksum. Only the headers are written (to
+//!   a small buffer of their own); each segment goes out as two `iovec`s,
+//!   its headers and its payload where the TUN read left it, and every
+//!   segment but the last is [`GsoSegments::segment_len`] bytes, so one
+//!   `sendmsg` with `UDP_SEGMENT` carries a run of them to the peer
+//!   ([`GsoSegments::batches`] cuts the runs). A plain packet only gets its
+//!   checksum completed when the header says `NEEDS_CSUM`, in place.
 //! - **network -> TUN** ([`Coalescer`]): consecutive TCP segments of one
 //!   flow (e.g. the datagrams of one UDP GRO message) are merged back into
 //!   one super-packet behind a `virtio_net_hdr` with `gso_type` TCPV4, which
-//!   the kernel takes in one `write` and re-segments (or delivers whole to a
-//!   local socket) as it would a packet from its own GRO.
+//!   the kernel takes in one `writev` (the merged headers, then every
+//!   segment's payload where it was received) and re-segments (or delivers
+//!   whole to a local socket) as it would a packet from its own GRO.
 //!
 //! What the TUN driver accepts on write (`tun_get_user` ->
 //! `virtio_net_hdr_to_skb`; the kernel test `backends/tests/udp_offload.rs`
@@ -52,10 +54,8 @@ use std::ops::Range;
 use crate::udp::packet::{fold, ones_complement_sum};
 use crate::udp::sys::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN};
 
-pub use self::coalesce::{Coalescer, gro_datagrams};
-pub use self::split::{
-    GsoBatches, GsoSplit, TunPacket, complete_checksum, from_tun, split_for_gso,
-};
+pub use self::coalesce::{Coalescer, MAX_MERGED_SEGMENTS, PacketAt, gro_datagrams};
+pub use self::split::{GsoBatches, GsoSegments, TunPacket, complete_checksum, from_tun};
 
 /// The largest IPv4 packet (the total length field is 16 bits).
 pub const MAX_PACKET: usize = 65535;
@@ -64,12 +64,14 @@ pub const MAX_PACKET: usize = 65535;
 pub const MAX_UDP_PAYLOAD: usize = 65507;
 /// Room a reader needs for one TUN read with TSO/USO: header + 64 KiB.
 pub const TUN_READ_BUFFER: usize = VNET_HDR_LEN + MAX_PACKET;
-/// An output buffer for [`split_for_gso`] that holds every super-packet
-/// whose `gso_size` is at least its header length (IPv4 + TCP/UDP), which
-/// every real MSS is: the copied headers then add less than the payload.
-/// A smaller `gso_size` can need more (up to ~4 MiB for `gso_size` 1), and
-/// is [`DropReason::Oversize`](crate::udp::packet::DropReason::Oversize) with this buffer.
-pub const SPLIT_BUFFER: usize = 2 * MAX_PACKET;
+/// A header buffer for [`from_tun`] that holds the segment headers of every
+/// super-packet whose `gso_size` is at least its header length (IPv4 +
+/// TCP/UDP), which every real MSS is: the headers then add up to less than
+/// the packet. A smaller `gso_size` can need more (up to ~4 MiB for
+/// `gso_size` 1), and is
+/// [`DropReason::Oversize`](crate::udp::packet::DropReason::Oversize) with
+/// this buffer.
+pub const HEADER_BUFFER: usize = MAX_PACKET;
 /// A `virtio_net_hdr` saying "a plain packet, checksum complete".
 pub const VNET_HDR_NONE: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
 
@@ -217,6 +219,7 @@ fn put32(buf: &mut [u8], at: usize, value: u32) {
 #[allow(clippy::cast_possible_truncation)]
 mod fixtures {
     use super::*;
+    use crate::udp::packet::DropReason;
     use std::net::Ipv4Addr;
 
     const A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 5);
@@ -377,26 +380,46 @@ mod fixtures {
             .collect()
     }
 
-    pub(super) fn segments(out: &[u8], split: &GsoSplit) -> Vec<Vec<u8>> {
-        let v: Vec<Vec<u8>> = out[..split.len]
-            .chunks(split.segment)
-            .map(<[u8]>::to_vec)
-            .collect();
-        assert_eq!(v.len(), split.count);
-        v
+    /// Runs a TUN read (a super-packet) through [`from_tun`], on a copy,
+    /// with a header buffer of [`HEADER_BUFFER`]; returns the segments as
+    /// they go on the wire.
+    pub(super) fn split(input: &[u8]) -> Result<(GsoSegments, Vec<Vec<u8>>), DropReason> {
+        split_into(input, &mut vec![0; HEADER_BUFFER])
     }
 
-    /// Runs `packets` through a coalescer; returns (vnet header, packet) writes.
+    /// [`split`] with the given header buffer.
+    pub(super) fn split_into(
+        input: &[u8],
+        headers: &mut [u8],
+    ) -> Result<(GsoSegments, Vec<Vec<u8>>), DropReason> {
+        let mut read = input.to_vec();
+        let TunPacket::Segments(s) = from_tun(&mut read, headers)? else {
+            panic!("not a super-packet");
+        };
+        let segments = (0..s.count())
+            .map(|i| [s.header(i, headers), s.payload(i, &read)].concat())
+            .collect();
+        Ok((s, segments))
+    }
+
+    /// Runs `packets` (each its own buffer of the batch) through a
+    /// coalescer; returns the (vnet header, packet) writes.
     pub(super) fn coalesce(packets: &[Vec<u8>]) -> Vec<(VnetHdr, Vec<u8>)> {
         let mut c = Coalescer::new();
         let mut writes = Vec::new();
-        let mut emit = |h: &[u8; VNET_HDR_LEN], p: &[u8]| {
+        let mut emit = |slices: &[std::io::IoSlice<'_>]| {
+            let bytes: Vec<u8> = slices.iter().flat_map(|s| s.iter().copied()).collect();
+            let (h, p) = bytes.split_at(VNET_HDR_LEN);
             writes.push((VnetHdr::parse(h).unwrap(), p.to_vec()));
         };
-        for p in packets {
-            c.push(p, &mut emit);
+        for (i, p) in packets.iter().enumerate() {
+            let at = PacketAt {
+                buffer: i,
+                range: 0..p.len(),
+            };
+            c.push(packets, at, &mut emit);
         }
-        c.flush(&mut emit);
+        c.flush(packets, &mut emit);
         assert!(!c.is_pending());
         writes
     }
@@ -455,12 +478,12 @@ mod tests {
             }
             let mut buf = hdr.to_vec();
             buf.extend_from_slice(&bytes);
-            let mut out = vec![0u8; out_len];
-            if let Ok(s) = split_for_gso(&buf, &mut out) {
-                prop_assert!(s.len <= out_len && s.count >= 1 && s.segment >= 1);
+            let mut headers = vec![0u8; out_len];
+            if let Ok(TunPacket::Segments(s)) = from_tun(&mut buf.clone(), &mut headers) {
+                prop_assert!(s.count() * s.header_len() <= out_len && s.count() >= 1);
+                prop_assert!(s.segment_len() >= 1);
             }
-            let _ = from_tun(&mut buf.clone(), &mut out);
-            let _ = split_for_gso(&bytes, &mut out);
+            let _ = from_tun(&mut bytes.clone(), &mut headers);
             let w = coalesce(&[bytes.clone(), bytes.clone()]);
             prop_assert!(!w.is_empty());
         }
@@ -497,13 +520,15 @@ mod tests {
             let mut buf = hdr.to_bytes().to_vec();
             buf.extend_from_slice(&p);
             buf.truncate(cut.max(1));
-            let mut out = vec![0u8; 8000];
-            if let Ok(s) = split_for_gso(&buf, &mut out) {
-                for seg in out[..s.len].chunks(s.segment) {
+            if buf.get(1).is_some_and(|&t| t != 0)
+                && let Ok((s, segments)) = split(&buf)
+            {
+                prop_assert_eq!(segments.len(), s.count());
+                for seg in &segments {
                     prop_assert!(packet::parse(seg).is_ok());
                 }
             }
-            let _ = from_tun(&mut buf, &mut out);
+            let _ = from_tun(&mut buf, &mut [0u8; 8000]);
             let _ = coalesce(&[p.clone(), p]);
         }
     }

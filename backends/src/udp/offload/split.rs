@@ -1,13 +1,14 @@
 //! TUN -> network: a super-packet read from the TUN cut into wire-ready
-//! IPv4 packets for one `UDP_SEGMENT` send (see the parent module).
+//! IPv4 packets for `UDP_SEGMENT` sends, without copying its payload (see
+//! the parent module).
 
 use std::ops::Range;
 
 use super::{
-    IP_CHECKSUM, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOTAL_LEN, IPPROTO_TCP, IPPROTO_UDP,
+    IP_ADDRS, IP_CHECKSUM, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOTAL_LEN, IPPROTO_TCP, IPPROTO_UDP,
     MAX_UDP_PAYLOAD, TCP_CHECKSUM_OFF, TCP_CWR, TCP_DATA_OFF, TCP_FIN, TCP_FLAGS,
     TCP_MIN_HEADER_LEN, TCP_PSH, TCP_SEQ, UDP_CHECKSUM_OFF, UDP_HEADER_LEN, UDP_LEN, VnetHdr, be16,
-    be32, finish, l4_sum, put16, put32,
+    be32, finish, put16, put32,
 };
 use crate::udp::packet::{self, DropReason, ones_complement_sum};
 use crate::udp::sys::{
@@ -15,60 +16,113 @@ use crate::udp::sys::{
     VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN,
 };
 
-/// Where [`split_for_gso`] left the segments of one packet in its output.
+/// A super-packet cut into segments by [`from_tun`]. Segment `i` on the
+/// wire is its headers ([`GsoSegments::header`]: IPv4 and TCP/UDP, written
+/// into the caller's header buffer) followed by its payload
+/// ([`GsoSegments::payload`]: a slice of the TUN read, never copied).
+/// Every segment but the last is [`GsoSegments::segment_len`] bytes, so one
+/// `sendmsg` with `UDP_SEGMENT` carries a run of them ([`GsoSegments::parts`]
+/// lists its slices, [`GsoSegments::batches`] cuts the runs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GsoSplit {
-    /// Bytes written, from the start of the output buffer.
-    pub len: usize,
-    /// Length of every segment but the last (which may be shorter); equal to
-    /// `len` when there is one segment.
-    pub segment: usize,
-    /// Number of segments (at least 1).
-    pub count: usize,
+pub struct GsoSegments {
+    header_len: usize,
+    payload_start: usize,
+    payload_end: usize,
+    gso_size: usize,
+    count: usize,
 }
 
-impl GsoSplit {
+impl GsoSegments {
+    /// Number of segments (at least 1).
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// Bytes of headers each segment has.
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// Wire length of every segment but the last (which may be shorter).
+    pub fn segment_len(&self) -> usize {
+        self.header_len + self.gso_size.min(self.payload_end - self.payload_start)
+    }
+
+    /// Wire length of all segments together.
+    pub fn wire_len(&self) -> usize {
+        self.count * self.header_len + (self.payload_end - self.payload_start)
+    }
+
+    /// The headers of segment `i` in the header buffer given to [`from_tun`]
+    /// (empty for `i >= count`).
+    pub fn header<'a>(&self, i: usize, headers: &'a [u8]) -> &'a [u8] {
+        let start = i.saturating_mul(self.header_len);
+        headers.get(start..start + self.header_len).unwrap_or(&[])
+    }
+
+    /// The payload of segment `i` in the TUN read given to [`from_tun`]
+    /// (empty for `i >= count`).
+    pub fn payload<'a>(&self, i: usize, read: &'a [u8]) -> &'a [u8] {
+        let start = self
+            .payload_start
+            .saturating_add(i.saturating_mul(self.gso_size))
+            .min(self.payload_end);
+        let end = start.saturating_add(self.gso_size).min(self.payload_end);
+        read.get(start..end).unwrap_or(&[])
+    }
+
+    /// The slices of segments `segments`, in wire order (header, payload,
+    /// header, payload...): one `iovec` each.
+    pub fn parts<'a>(
+        self,
+        segments: Range<usize>,
+        headers: &'a [u8],
+        read: &'a [u8],
+    ) -> impl Iterator<Item = &'a [u8]> + Clone + 'a {
+        segments.flat_map(move |i| [self.header(i, headers), self.payload(i, read)])
+    }
+
     /// Cuts the segments into sends that one `sendmsg` with `UDP_SEGMENT`
     /// takes: at most `max_segments` (clamped to 1..=[`UDP_MAX_SEGMENTS`])
-    /// segments and [`MAX_UDP_PAYLOAD`] bytes each. Yields the byte range
-    /// in the output buffer and the segment size to pass (`None` when that
-    /// send holds a single datagram, which needs no GSO).
+    /// segments and [`MAX_UDP_PAYLOAD`] bytes each. Yields the segment
+    /// indices and the segment size to pass (`None` when the send holds a
+    /// single datagram, which needs no GSO).
     pub fn batches(&self, max_segments: usize) -> GsoBatches {
-        let max_segments = max_segments.clamp(1, UDP_MAX_SEGMENTS);
-        let per_send = (MAX_UDP_PAYLOAD / self.segment.max(1)).clamp(1, max_segments);
+        let segment = self.segment_len().max(1);
+        let per_send = if u16::try_from(segment).is_ok() {
+            (MAX_UDP_PAYLOAD / segment).clamp(1, max_segments.clamp(1, UDP_MAX_SEGMENTS))
+        } else {
+            1
+        };
         GsoBatches {
             next: 0,
-            len: self.len,
-            segment: self.segment.max(1),
-            step: per_send * self.segment.max(1),
+            count: self.count,
+            per_send,
+            segment: u16::try_from(segment).unwrap_or(u16::MAX),
         }
     }
 }
 
-/// The sends of one [`GsoSplit`]; see [`GsoSplit::batches`].
+/// The sends of one [`GsoSegments`]; see [`GsoSegments::batches`].
 #[derive(Debug, Clone)]
 pub struct GsoBatches {
     next: usize,
-    len: usize,
-    segment: usize,
-    step: usize,
+    count: usize,
+    per_send: usize,
+    segment: u16,
 }
 
 impl Iterator for GsoBatches {
     type Item = (Range<usize>, Option<u16>);
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.next >= self.len {
+        if self.next >= self.count {
             return None;
         }
         let start = self.next;
-        let end = start.saturating_add(self.step).min(self.len);
+        let end = start.saturating_add(self.per_send).min(self.count);
         self.next = end;
-        let gso = if end - start > self.segment {
-            u16::try_from(self.segment).ok()
-        } else {
-            None
-        };
+        let gso = (end - start > 1).then_some(self.segment);
         Some((start..end, gso))
     }
 }
@@ -79,18 +133,39 @@ pub enum TunPacket {
     /// One plain packet, at this range of the read buffer (checksum done in
     /// place): send it from there.
     InPlace(Range<usize>),
-    /// A super-packet, split into the output buffer.
-    Split(GsoSplit),
+    /// A super-packet: its segments' headers are in the header buffer, their
+    /// payload in the read buffer.
+    Segments(GsoSegments),
 }
 
-/// Handles one TUN read `buf` (`virtio_net_hdr` + IPv4 packet): a plain
-/// packet has its checksum completed in place and is returned as a range
-/// of `buf` (no copy); a super-packet is split into `out` by
-/// [`split_for_gso`]. Errors as there.
-pub fn from_tun(buf: &mut [u8], out: &mut [u8]) -> Result<TunPacket, DropReason> {
+/// Handles one TUN read `buf` (`virtio_net_hdr` + IPv4 packet) without
+/// copying its payload.
+///
+/// A plain packet has its checksum completed in place ([`complete_checksum`])
+/// and is returned as a range of `buf`.
+///
+/// A super-packet (`gso_type` TCPV4, or UDP_L4 for USO) becomes
+/// `ceil(payload / gso_size)` segments: their headers are written back to
+/// back into `headers`, each a copy of the original headers (IPv4 and TCP
+/// options included) with IPv4 total length, ID (+1 per segment, wrapping)
+/// and header checksum; TCP sequence number advanced, FIN and PSH kept only
+/// on the last segment and CWR only on the first; UDP length; and the L4
+/// checksum computed in full over the header and its `gso_size` bytes of
+/// payload (the last segment: the rest), whatever the field held. A packet
+/// with no more than `gso_size` of payload is one segment. The payload
+/// stays in `buf`.
+///
+/// Errors, with nothing meaningful in `headers`: fewer than 10 bytes
+/// ([`DropReason::TooShort`]); what [`packet::parse`] rejects; a `gso_type`
+/// other than TCPV4 (with or without ECN) on TCP or UDP_L4 on UDP, `gso_size`
+/// 0, a fragment, an L4 header that does not fit, a `NEEDS_CSUM` field outside
+/// the packet ([`DropReason::BadHeaderLength`]); `headers` too small for every
+/// segment's headers ([`DropReason::Oversize`]; [`HEADER_BUFFER`](super::HEADER_BUFFER)
+/// bytes hold them for any `gso_size` at least the header length).
+pub fn from_tun(buf: &mut [u8], headers: &mut [u8]) -> Result<TunPacket, DropReason> {
     let hdr = VnetHdr::parse(buf).ok_or(DropReason::TooShort)?;
     if hdr.gso_type != VIRTIO_NET_HDR_GSO_NONE {
-        return split_for_gso(buf, out).map(TunPacket::Split);
+        return split_headers(buf, &hdr, headers).map(TunPacket::Segments);
     }
     let packet = buf.get_mut(VNET_HDR_LEN..).ok_or(DropReason::TooShort)?;
     let total_len = complete_checksum(packet, &hdr)?;
@@ -172,64 +247,40 @@ fn check_super(packet: &[u8], hdr: &VnetHdr) -> Result<Super, DropReason> {
     })
 }
 
-/// Splits one TUN read `input` (`virtio_net_hdr` + IPv4 packet) into
-/// wire-ready IPv4 packets written back to back into `out`.
-///
-/// A super-packet (`gso_type` TCPV4, or UDP_L4 for USO) becomes
-/// `ceil(payload / gso_size)` segments, each with the original headers
-/// (IPv4 options and TCP options included) and `gso_size` bytes of payload
-/// (the last one the rest): IPv4 total length, ID (+1 per segment, wrapping)
-/// and header checksum; TCP sequence number advanced, FIN and PSH kept only on
-/// the last segment and CWR only on the first; UDP length; the L4 checksum
-/// computed in full (whatever the field held, so `NEEDS_CSUM` or not). A
-/// packet with no more than `gso_size` of payload is one segment. A plain
-/// packet (`gso_type` NONE) is copied and its checksum completed as
-/// [`complete_checksum`] does; [`from_tun`] avoids that copy.
-///
-/// Errors, with nothing meaningful in `out`: fewer than 10 bytes
-/// ([`DropReason::TooShort`]); what [`packet::parse`] rejects; a `gso_type`
-/// other than TCPV4 (with or without ECN) on TCP or UDP_L4 on UDP, `gso_size`
-/// 0, a fragment, an L4 header that does not fit, a `NEEDS_CSUM` field outside
-/// the packet ([`DropReason::BadHeaderLength`]); `out` too small for the
-/// segments ([`DropReason::Oversize`]).
-pub fn split_for_gso(input: &[u8], out: &mut [u8]) -> Result<GsoSplit, DropReason> {
-    let hdr = VnetHdr::parse(input).ok_or(DropReason::TooShort)?;
-    let packet = input.get(VNET_HDR_LEN..).ok_or(DropReason::TooShort)?;
-    if hdr.gso_type == VIRTIO_NET_HDR_GSO_NONE {
-        let info = packet::parse(packet)?;
-        let dst = out.get_mut(..info.total_len).ok_or(DropReason::Oversize)?;
-        dst.copy_from_slice(packet.get(..info.total_len).ok_or(DropReason::TooShort)?);
-        let len = complete_checksum(dst, &hdr)?;
-        return Ok(GsoSplit {
-            len,
-            segment: len,
-            count: 1,
-        });
-    }
-    let sp = check_super(packet, &hdr)?;
+/// The super-packet half of [`from_tun`]: writes every segment's headers.
+fn split_headers(buf: &[u8], hdr: &VnetHdr, headers: &mut [u8]) -> Result<GsoSegments, DropReason> {
+    let packet = buf.get(VNET_HDR_LEN..).ok_or(DropReason::TooShort)?;
+    let sp = check_super(packet, hdr)?;
     let packet = packet.get(..sp.total).ok_or(DropReason::BadTotalLength)?;
-    let (headers, payload) = packet.split_at(sp.hl);
+    let (template, payload) = packet.split_at(sp.hl);
     let gso = usize::from(hdr.gso_size);
     let count = payload.len().div_ceil(gso).max(1);
-    let needed = count * sp.hl + payload.len();
-    let out = out.get_mut(..needed).ok_or(DropReason::Oversize)?;
-    let id = be16(headers, IP_ID).unwrap_or(0);
-    let seq = be32(headers, sp.ip_hl + TCP_SEQ).unwrap_or(0);
-    let flags = headers.get(sp.ip_hl + TCP_FLAGS).copied().unwrap_or(0);
+    let headers = headers
+        .get_mut(..count * sp.hl)
+        .ok_or(DropReason::Oversize)?;
+    let id = be16(template, IP_ID).unwrap_or(0);
+    let seq = be32(template, sp.ip_hl + TCP_SEQ).unwrap_or(0);
+    let flags = template.get(sp.ip_hl + TCP_FLAGS).copied().unwrap_or(0);
+    let (proto, checksum_at) = if sp.tcp {
+        (IPPROTO_TCP, sp.ip_hl + TCP_CHECKSUM_OFF)
+    } else {
+        (IPPROTO_UDP, sp.ip_hl + UDP_CHECKSUM_OFF)
+    };
+    // The part of every L4 checksum that no segment changes.
+    let addresses = ones_complement_sum(template.get(IP_ADDRS).unwrap_or(&[])) + u64::from(proto);
 
-    let mut chunks = payload.chunks(gso);
-    let mut at = 0;
-    for i in 0..count {
-        let chunk = chunks.next().unwrap_or(&[]);
-        let seg_len = sp.hl + chunk.len();
-        let seg = out.get_mut(at..at + seg_len).ok_or(DropReason::Oversize)?;
-        let (seg_headers, seg_payload) = seg.split_at_mut(sp.hl);
-        seg_headers.copy_from_slice(headers);
-        seg_payload.copy_from_slice(chunk);
-        at += seg_len;
-
-        // Both fit 16 bits: seg_len <= total <= 65535, i < 65535.
-        let ip_len = u16::try_from(seg_len).map_err(|_| DropReason::BadTotalLength)?;
+    for (i, (seg, chunk)) in headers
+        .chunks_exact_mut(sp.hl)
+        .zip(
+            payload
+                .chunks(gso)
+                .chain(payload.is_empty().then_some(&[][..])),
+        )
+        .enumerate()
+    {
+        seg.copy_from_slice(template);
+        // Both fit 16 bits: hl + chunk <= total <= 65535, i < 65535.
+        let ip_len = u16::try_from(sp.hl + chunk.len()).map_err(|_| DropReason::BadTotalLength)?;
         let index = u16::try_from(i).map_err(|_| DropReason::BadTotalLength)?;
         put16(seg, IP_TOTAL_LEN, ip_len);
         put16(seg, IP_ID, id.wrapping_add(index));
@@ -237,8 +288,8 @@ pub fn split_for_gso(input: &[u8], out: &mut [u8]) -> Result<GsoSplit, DropReaso
         let ip_sum = packet::internet_checksum(seg.get(..sp.ip_hl).unwrap_or(&[]));
         put16(seg, IP_CHECKSUM, ip_sum);
 
-        let l4_len = seg_len - sp.ip_hl;
-        let checksum_at = if sp.tcp {
+        let l4_len = sp.hl - sp.ip_hl + chunk.len();
+        if sp.tcp {
             // gso * i < 65536, so it fits; sequence numbers wrap.
             let advance = u32::try_from(gso * i).unwrap_or(0);
             put32(seg, sp.ip_hl + TCP_SEQ, seq.wrapping_add(advance));
@@ -252,21 +303,25 @@ pub fn split_for_gso(input: &[u8], out: &mut [u8]) -> Result<GsoSplit, DropReaso
             if let Some(b) = seg.get_mut(sp.ip_hl + TCP_FLAGS) {
                 *b = f;
             }
-            sp.ip_hl + TCP_CHECKSUM_OFF
         } else {
             let udp_len = u16::try_from(l4_len).map_err(|_| DropReason::BadTotalLength)?;
             put16(seg, sp.ip_hl + UDP_LEN, udp_len);
-            sp.ip_hl + UDP_CHECKSUM_OFF
-        };
+        }
         put16(seg, checksum_at, 0);
-        let proto = if sp.tcp { IPPROTO_TCP } else { IPPROTO_UDP };
-        let sum = finish(l4_sum(seg, sp.ip_hl, proto));
-        put16(seg, checksum_at, sum);
+        // The payload starts at an even offset of the L4 data (header
+        // lengths are multiples of 4), so its sum adds as it is.
+        let l4_header = seg.get(sp.ip_hl..).unwrap_or(&[]);
+        let sum = addresses
+            + u64::try_from(l4_len).unwrap_or(0)
+            + ones_complement_sum(l4_header)
+            + ones_complement_sum(chunk);
+        put16(seg, checksum_at, finish(sum));
     }
-    let segment = if count == 1 { needed } else { sp.hl + gso };
-    Ok(GsoSplit {
-        len: needed,
-        segment,
+    Ok(GsoSegments {
+        header_len: sp.hl,
+        payload_start: VNET_HDR_LEN + sp.hl,
+        payload_end: VNET_HDR_LEN + sp.total,
+        gso_size: gso,
         count,
     })
 }
@@ -277,7 +332,7 @@ pub fn split_for_gso(input: &[u8], out: &mut [u8]) -> Result<GsoSplit, DropReaso
 mod tests {
     use super::*;
     use crate::udp::offload::fixtures::*;
-    use crate::udp::offload::{SPLIT_BUFFER, VNET_HDR_NONE};
+    use crate::udp::offload::{HEADER_BUFFER, VNET_HDR_NONE};
 
     #[test]
     fn splits_a_tcp_super_packet() {
@@ -294,13 +349,12 @@ mod tests {
             VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_ECN,
             1400,
         );
-        let mut out = vec![0u8; 70_000];
-        let split = split_for_gso(&input, &mut out).unwrap();
+        let (split, segs) = split(&input).unwrap();
         let hl = 24 + 32;
-        assert_eq!(split.count, 8);
-        assert_eq!(split.segment, hl + 1400);
-        assert_eq!(split.len, 8 * hl + 10_000);
-        let segs = segments(&out, &split);
+        assert_eq!(split.count(), 8);
+        assert_eq!(split.header_len(), hl);
+        assert_eq!(split.segment_len(), hl + 1400);
+        assert_eq!(split.wire_len(), 8 * hl + 10_000);
         let mut joined = Vec::new();
         for (i, s) in segs.iter().enumerate() {
             let info = packet::parse(s).unwrap();
@@ -328,17 +382,29 @@ mod tests {
         }
         assert_eq!(segs[7].len(), hl + 10_000 - 7 * 1400);
         assert_eq!(joined, payload);
+        // What one send of segments 2..5 carries: their bytes, in order.
+        let mut read = input.clone();
+        let mut headers = vec![0u8; HEADER_BUFFER];
+        from_tun(&mut read, &mut headers).unwrap();
+        let sent: Vec<u8> = split
+            .parts(2..5, &headers, &read)
+            .flatten()
+            .copied()
+            .collect();
+        assert_eq!(sent, segs[2..5].concat());
     }
 
     #[test]
     fn splits_a_udp_super_packet() {
         let payload = pattern(3000, 9);
         let input = tun_read(udp_packet(&payload), VIRTIO_NET_HDR_GSO_UDP_L4, 1200);
-        let mut out = vec![0u8; 4000];
-        let split = split_for_gso(&input, &mut out).unwrap();
-        assert_eq!((split.count, split.segment, split.len), (3, 1228, 3084));
+        let (split, segs) = split(&input).unwrap();
+        assert_eq!(
+            (split.count(), split.segment_len(), split.wire_len()),
+            (3, 1228, 3084)
+        );
         let mut joined = Vec::new();
-        for (i, s) in segments(&out, &split).iter().enumerate() {
+        for (i, s) in segs.iter().enumerate() {
             assert!(ip_ok(s) && l4_ok(s, IPPROTO_UDP), "segment {i}");
             assert_eq!(
                 usize::from(u16::from_be_bytes([s[24], s[25]])),
@@ -354,15 +420,14 @@ mod tests {
     fn small_super_packet_is_one_segment() {
         let p = tcp_packet(&Tcp::default(), &pattern(100, 1));
         let input = tun_read(p.clone(), VIRTIO_NET_HDR_GSO_TCPV4, 1400);
-        let mut out = vec![0u8; 2000];
-        let split = split_for_gso(&input, &mut out).unwrap();
+        let (split, segs) = split(&input).unwrap();
         assert_eq!(
-            (split.count, split.segment, split.len),
+            (split.count(), split.segment_len(), split.wire_len()),
             (1, p.len(), p.len())
         );
-        assert_eq!(&out[..p.len()], &p[..]);
+        assert_eq!(segs, vec![p]);
         let batches: Vec<_> = split.batches(64).collect();
-        assert_eq!(batches, vec![(0..p.len(), None)]);
+        assert_eq!(batches, vec![(0..1, None)]);
     }
 
     #[test]
@@ -375,16 +440,6 @@ mod tests {
             let mut buf = tun_read(p.clone(), VIRTIO_NET_HDR_GSO_NONE, 0);
             buf.extend_from_slice(&[0xee; 3]); // padding after the packet
             let mut out = vec![0u8; 2000];
-            let split = split_for_gso(&buf, &mut out).unwrap();
-            assert_eq!(
-                split,
-                GsoSplit {
-                    len: p.len(),
-                    segment: p.len(),
-                    count: 1
-                }
-            );
-            assert_eq!(&out[..p.len()], &p[..]);
             let got = from_tun(&mut buf, &mut out).unwrap();
             assert_eq!(
                 got,
@@ -430,8 +485,8 @@ mod tests {
             VIRTIO_NET_HDR_GSO_TCPV4,
             1000,
         );
-        let mut out = vec![0u8; 70_000];
-        let split = |b: &[u8], out: &mut [u8]| split_for_gso(b, out);
+        let mut out = vec![0u8; HEADER_BUFFER];
+        let split = |b: &[u8], out: &mut [u8]| split_into(b, out).map(|(s, _)| s);
         assert!(split(&good, &mut out).is_ok());
         assert_eq!(split(&good[..9], &mut out), Err(DropReason::TooShort));
         assert_eq!(split(&good[..25], &mut out), Err(DropReason::TooShort));
@@ -494,17 +549,19 @@ mod tests {
         let mut b = good.clone();
         b[10 + 12] ^= 1;
         assert_eq!(split(&b, &mut out), Err(DropReason::BadChecksum));
-        // Output too small, by one byte.
-        let need = split(&good, &mut out).unwrap().len;
+        // Header buffer too small, by one byte.
+        let need = split(&good, &mut out)
+            .map(|s| s.count() * s.header_len())
+            .unwrap();
         assert_eq!(
             split(&good, &mut out[..need - 1]),
             Err(DropReason::Oversize)
         );
-        assert_eq!(split(&good, &mut out[..need]).map(|s| s.len), Ok(need));
+        assert_eq!(split(&good, &mut out[..need]).map(|s| s.count()), Ok(5));
     }
 
     #[test]
-    fn split_buffer_holds_any_mss_at_least_the_header_length() {
+    fn header_buffer_holds_any_mss_at_least_the_header_length() {
         for (options, gso) in [(vec![], 40u16), (vec![0u8; 40], 80), (vec![], 1)] {
             let hl = 40 + options.len();
             let t = Tcp {
@@ -513,8 +570,7 @@ mod tests {
             };
             let payload = pattern(65_535 - hl, 0);
             let input = tun_read(tcp_packet(&t, &payload), VIRTIO_NET_HDR_GSO_TCPV4, gso);
-            let mut out = vec![0u8; SPLIT_BUFFER];
-            let got = split_for_gso(&input, &mut out);
+            let got = split(&input).map(|(s, _)| s.count());
             if usize::from(gso) >= hl {
                 assert!(got.is_ok(), "{hl} {gso}");
             } else {
@@ -525,26 +581,27 @@ mod tests {
 
     #[test]
     fn batches_respect_segment_and_byte_limits() {
-        let split = GsoSplit {
-            len: 100 * 1000 + 500,
-            segment: 1000,
-            count: 101,
+        let segments = |header_len, payload: usize, gso_size| GsoSegments {
+            header_len,
+            payload_start: 10 + header_len,
+            payload_end: 10 + header_len + payload,
+            gso_size,
+            count: payload.div_ceil(gso_size),
         };
+        let split = segments(40, 100 * 960 + 460, 960);
+        assert_eq!(split.count(), 101);
         let b: Vec<_> = split.batches(64).collect();
-        assert_eq!(
-            b,
-            vec![(0..64_000, Some(1000)), (64_000..100_500, Some(1000))]
-        );
-        let split = GsoSplit {
-            len: 45 * 1500 + 10,
-            segment: 1500,
-            count: 46,
-        };
+        assert_eq!(b, vec![(0..64, Some(1000)), (64..101, Some(1000))]);
+        let split = segments(52, 45 * 1448 + 10, 1448);
         let b: Vec<_> = split.batches(64).collect();
-        assert_eq!(b[0], (0..43 * 1500, Some(1500)));
-        assert_eq!(b[1], (43 * 1500..45 * 1500 + 10, Some(1500)));
+        // 43 * 1500 bytes fit in one datagram's 65507, 44 do not.
+        assert_eq!(b, vec![(0..43, Some(1500)), (43..46, Some(1500))]);
         let b: Vec<_> = split.batches(1).collect();
         assert_eq!(b.len(), 46);
         assert!(b.iter().all(|(_, g)| g.is_none()));
+        // A run of one at the end needs no GSO.
+        let split = segments(52, 43 * 1448 + 10, 1448);
+        let b: Vec<_> = split.batches(64).collect();
+        assert_eq!(b, vec![(0..43, Some(1500)), (43..44, None)]);
     }
 }
