@@ -234,14 +234,7 @@ fn a_spoofed_datagram_from_a_non_peer_is_dropped() {
         || cluster.node(1).log_tail(200).contains("unknown_sender"),
     );
     assert!(log.is_ok(), "{}", cluster.node(1).log_tail(50));
-    let metrics = cluster
-        .node(1)
-        .exec_ok([
-            "bash",
-            "-c",
-            "exec 3<>/dev/tcp/127.0.0.1/8471 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
-        ])
-        .unwrap();
+    let metrics = metrics(cluster.node(1));
     assert!(
         metrics.contains("flannel_udp_dropped_total{reason=\"unknown_sender\"} 1"),
         "{metrics}"
@@ -508,6 +501,7 @@ fn a_udp_gso_train_arrives_as_its_datagrams() {
         .spawn()
         .unwrap();
     thread::sleep(Duration::from_millis(500));
+    let sent_before = sent_total(cluster.node(0));
     let sender = format!(
         "import socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
@@ -541,4 +535,26 @@ fn a_udp_gso_train_arrives_as_its_datagrams() {
         String::from_utf8_lossy(&out.stderr),
         cluster.node(0).log_tail(20)
     );
+    // One GSO send, ten packets on the wire: the counter counts packets.
+    let sent = sent_total(cluster.node(0)) - sent_before;
+    assert!(sent >= 10, "flannel_udp_sent_total grew by {sent}");
+}
+
+/// The node's `/metrics` page (health port 8471, as the harness starts flanneld).
+fn metrics(node: &Node) -> String {
+    node.exec_ok([
+        "bash",
+        "-c",
+        "exec 3<>/dev/tcp/127.0.0.1/8471 && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+    ])
+    .unwrap()
+}
+
+/// `flannel_udp_sent_total` of the node.
+fn sent_total(node: &Node) -> u64 {
+    let page = metrics(node);
+    page.lines()
+        .find_map(|l| l.strip_prefix("flannel_udp_sent_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no flannel_udp_sent_total in {page}"))
 }

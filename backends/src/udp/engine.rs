@@ -47,7 +47,8 @@ pub struct EngineConfig {
 /// Packet counters, shared by all workers.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Packets read from the TUN and sent to a peer.
+    /// Packets read from the TUN and sent to a peer (one per datagram: a
+    /// GSO send of 40 segments counts 40).
     pub sent: AtomicU64,
     /// Datagrams received and written to the TUN.
     pub received: AtomicU64,
@@ -102,7 +103,12 @@ impl Counters {
 
     /// Counts one packet dropped for `reason`.
     pub(super) fn count_drop(&self, reason: DropReason) {
-        self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
+        self.count_drops(reason, 1);
+    }
+
+    /// Counts `n` packets dropped for `reason`.
+    pub(super) fn count_drops(&self, reason: DropReason, n: u64) {
+        self.drops[reason.index()].fetch_add(n, Ordering::Relaxed);
     }
 
     /// How many packets were dropped for `reason`.

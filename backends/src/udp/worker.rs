@@ -189,6 +189,7 @@ impl Worker {
             &self.socket,
             messages,
             self.out.len(),
+            |_| 1,
             &self.shared.counters,
         )
     }
@@ -225,13 +226,8 @@ impl Worker {
             match offload::from_tun(read, &mut self.headers) {
                 Ok(TunPacket::InPlace(range)) => {
                     let message = (iter::once(&read[range]), peer, None);
-                    send_all(
-                        &mut self.send,
-                        &self.socket,
-                        iter::once(message),
-                        1,
-                        &counters,
-                    )?;
+                    let messages = iter::once(message);
+                    send_all(&mut self.send, &self.socket, messages, 1, |_| 1, &counters)?;
                 }
                 Ok(TunPacket::Segments(segments)) => {
                     let (headers, read) = (&self.headers[..], &*read);
@@ -239,7 +235,18 @@ impl Worker {
                         .batches(UDP_MAX_SEGMENTS)
                         .map(|(run, gso)| (segments.parts(run, headers, read), peer, gso));
                     let count = segments.batches(UDP_MAX_SEGMENTS).count();
-                    send_all(&mut self.send, &self.socket, messages, count, &counters)?;
+                    let packets = |i| {
+                        let run = segments.batches(UDP_MAX_SEGMENTS).nth(i);
+                        run.map_or(0, |(run, _)| u64::try_from(run.len()).unwrap_or(0))
+                    };
+                    send_all(
+                        &mut self.send,
+                        &self.socket,
+                        messages,
+                        count,
+                        packets,
+                        &counters,
+                    )?;
                 }
                 Err(reason) => counters.count_drop(reason),
             }
@@ -342,12 +349,14 @@ fn answer_unreachable(
 
 /// Sends `count` messages with `sendmmsg`, resuming after partial sends,
 /// waiting once for room when the socket buffer is full, and skipping a
-/// message the kernel refuses; counts what was sent and what was dropped.
+/// message the kernel refuses; counts the packets sent and dropped
+/// (message `i` carries `packets(i)` of them: a GSO send carries several).
 fn send_all<'a, P>(
     batch: &mut SendBatch,
     socket: &UdpSocket,
     messages: impl Iterator<Item = (P, SocketAddrV4, Option<u16>)> + Clone,
     count: usize,
+    packets: impl Fn(usize) -> u64,
     counters: &Counters,
 ) -> io::Result<()>
 where
@@ -358,8 +367,8 @@ where
         match batch.send_parts(socket, messages.clone().skip(done)) {
             Ok(0) => break,
             Ok(n) => {
+                sent += (done..done + n).map(&packets).sum::<u64>();
                 done += n;
-                sent += n;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 if !sys::poll_writable(socket.as_fd(), POLL_MS)? {
@@ -369,14 +378,15 @@ where
             Err(e) => {
                 // This message alone failed (EMSGSIZE, ...): skip it.
                 debug!(error = %e, "sendmmsg refused a packet");
-                counters.count_drop(DropReason::SendFailed);
+                counters.count_drops(DropReason::SendFailed, packets(done));
                 done += 1;
             }
         }
     }
-    counters.sent.fetch_add(sent as u64, Ordering::Relaxed);
-    for _ in done..count {
-        counters.count_drop(DropReason::SendFailed);
+    counters.sent.fetch_add(sent, Ordering::Relaxed);
+    let unsent: u64 = (done..count).map(&packets).sum();
+    if unsent > 0 {
+        counters.count_drops(DropReason::SendFailed, unsent);
     }
     Ok(())
 }
