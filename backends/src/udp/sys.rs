@@ -9,11 +9,13 @@
 //!   `TUNSETVNETHDRSZ`, `TUNGETIFF`, and plain `read`/`write`/`readv`/`writev`.
 //! - [`RecvBatch`] / [`SendBatch`]: `recvmmsg(2)` / `sendmmsg(2)` over
 //!   arrays owned by the batch (headers, `iovec`s, addresses, control
-//!   buffers), so a call allocates nothing and copies no payload; control
-//!   messages `UDP_GRO` (receive), `UDP_SEGMENT` (send, GSO) and
-//!   `SO_RXQ_OVFL` (receive, drop counter).
+//!   buffers), so a call allocates nothing and copies no payload (a sent
+//!   message may be gathered from many slices); control messages `UDP_GRO`
+//!   (receive), `UDP_SEGMENT` (send, GSO) and `SO_RXQ_OVFL` (receive, drop
+//!   counter).
 //! - socket set-up: [`udp_socket`], [`enable_udp_gro`], [`udp_gso_supported`],
-//!   [`set_buffer_sizes`], [`enable_rxq_overflow`];
+//!   [`set_buffer_sizes`], [`enable_rxq_overflow`], [`steer_by_inner_flow`]
+//!   (`SO_ATTACH_REUSEPORT_CBPF`);
 //! - [`poll`] / [`poll_readable`] / [`poll_writable`]: `poll(2)` for callers
 //!   without a runtime (or use `tokio::io::unix::AsyncFd` on a [`Tun`]).
 //!
@@ -677,7 +679,7 @@ fn bpf(code: u32, k: u32) -> libc::sock_filter {
 
 /// The classic BPF program [`steer_by_inner_flow`] attaches: it sees the
 /// UDP payload (the inner IPv4 packet) and returns
-/// `h ^ (h >> 16) % sockets` for `h = src ^ dst ^ ports`, the inner
+/// `(h ^ (h >> 16)) % sockets` for `h = src ^ dst ^ ports`, the inner
 /// addresses and the 4 bytes after the inner header (TCP/UDP ports). A
 /// packet too short for a load returns 0 (the kernel's rule for a load out of
 /// bounds); an index past the group makes the kernel hash as usual.
@@ -708,8 +710,12 @@ fn inner_flow_program(sockets: u32) -> Vec<libc::sock_filter> {
 
 /// Spreads the datagrams arriving at the `SO_REUSEPORT` group of `sock` (the
 /// workers' sockets, numbered in the order they were bound) over `sockets`
-/// of them by the inner flow each carries ([`inner_flow_program`]), so that
-/// one flow always reaches the same worker and different flows spread.
+/// of them by the inner flow each carries, so that one flow always reaches
+/// the same worker and different flows spread: a classic BPF program over
+/// the UDP payload (the inner IPv4 packet) returns `(h ^ (h >> 16)) %
+/// sockets` for `h` = inner source ^ inner destination ^ the 4 bytes after
+/// the inner header (TCP/UDP ports); a packet too short for a load goes to
+/// socket 0.
 /// Without it the kernel hashes the outer addresses and ports, which are the
 /// same for all traffic between two nodes (flannel's one port): one socket,
 /// one worker, would receive everything a node gets.

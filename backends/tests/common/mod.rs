@@ -1,5 +1,5 @@
 //! The throwaway network namespace harness of the kernel tests
-//! (`vxlan_kernel`, `udp_sys`, `udp_offload`).
+//! (`vxlan_kernel`, `udp_sys`, `udp_offload`, `udp_engine`).
 //!
 //! Root only: [`Ns::create`] fails, never skips, without it. A test namespace
 //! is named `<prefix><pid>x<n>`, each test binary with its own prefix, and has
