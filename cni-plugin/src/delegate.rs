@@ -108,8 +108,69 @@ pub fn invoke(env: &Env, command: &str, config: &[u8]) -> CniResult<Vec<u8>> {
         .and_then(|v| v.get("details"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    Err(
-        CniError::plugin(format!("delegate {plugin_type} {command} failed: {msg}"))
-            .with_details(details),
+    // As flannel (libcni) does: the runtime sees the delegate's code, e.g.
+    // 11 to retry later; 100 when the delegate printed none.
+    let code = err
+        .as_ref()
+        .and_then(|v| v.get("code"))
+        .and_then(Value::as_u64)
+        .and_then(|c| u32::try_from(c).ok())
+        .map_or(ErrorCode::Plugin, ErrorCode::from_code);
+    Err(CniError::new(
+        code,
+        format!("delegate {plugin_type} {command} failed: {msg}"),
     )
+    .with_details(details))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Runs a fake delegate that prints `stdout` and fails; returns the error.
+    fn failing_delegate(stdout: &str) -> CniError {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("fake");
+        let script =
+            format!("#!/bin/sh\ncat >/dev/null\necho 'to stderr' >&2\necho '{stdout}'\nexit 1\n");
+        std::fs::write(&plugin, script).unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().display().to_string();
+        let env = Env::from_lookup(|name| match name {
+            "CNI_COMMAND" => Some("DEL".to_owned()),
+            "CNI_PATH" => Some(path.clone()),
+            _ => None,
+        })
+        .unwrap();
+        let config = br#"{"cniVersion":"1.0.0","name":"n","type":"fake"}"#;
+        invoke(&env, "DEL", config).unwrap_err()
+    }
+
+    #[test]
+    fn a_delegate_error_keeps_its_code_message_and_details() {
+        let e =
+            failing_delegate(r#"{"cniVersion":"1.0.0","code":11,"msg":"busy","details":"later"}"#);
+        assert_eq!(e.code, ErrorCode::TryAgainLater);
+        assert_eq!(e.msg, "delegate fake DEL failed: busy");
+        assert_eq!(e.details, "later");
+        // A plugin-specific code goes through as it is.
+        let e = failing_delegate(r#"{"code":999,"msg":"own"}"#);
+        assert_eq!(e.code, ErrorCode::Other(999));
+        let json: Value = serde_json::from_str(&e.to_json("1.0.0")).unwrap();
+        assert_eq!(json["code"], 999);
+        // No JSON: code 100 and the delegate's stderr as the message.
+        let e = failing_delegate("not json");
+        assert_eq!(e.code, ErrorCode::Plugin);
+        assert_eq!(e.msg, "delegate fake DEL failed: to stderr");
+    }
+
+    #[test]
+    fn codes_map_both_ways() {
+        for n in [1, 2, 3, 4, 5, 6, 7, 11, 50, 100, 101, 999] {
+            assert_eq!(ErrorCode::from_code(n).code(), n);
+        }
+        assert_eq!(ErrorCode::from_code(11), ErrorCode::TryAgainLater);
+        assert_eq!(ErrorCode::from_code(0), ErrorCode::Plugin);
+    }
 }

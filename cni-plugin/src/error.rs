@@ -25,6 +25,9 @@ pub enum ErrorCode {
     NotAvailable,
     /// 100: any other failure of this plugin (netlink, IPAM, CHECK mismatch).
     Plugin,
+    /// A code of a delegated plugin that is none of the above (its own
+    /// plugin-specific code), passed on unchanged.
+    Other(u32),
 }
 
 impl ErrorCode {
@@ -41,6 +44,32 @@ impl ErrorCode {
             Self::TryAgainLater => 11,
             Self::NotAvailable => 50,
             Self::Plugin => 100,
+            Self::Other(code) => code,
+        }
+    }
+
+    /// The code for a number on the wire (a delegate's error): the named
+    /// code when there is one, else [`ErrorCode::Other`]; 0, which is no
+    /// error code, is [`ErrorCode::Plugin`].
+    pub fn from_code(code: u32) -> Self {
+        const NAMED: [ErrorCode; 10] = [
+            ErrorCode::IncompatibleVersion,
+            ErrorCode::UnsupportedField,
+            ErrorCode::UnknownContainer,
+            ErrorCode::InvalidEnvironment,
+            ErrorCode::Io,
+            ErrorCode::Decode,
+            ErrorCode::InvalidConfig,
+            ErrorCode::TryAgainLater,
+            ErrorCode::NotAvailable,
+            ErrorCode::Plugin,
+        ];
+        match code {
+            0 => Self::Plugin,
+            _ => NAMED
+                .into_iter()
+                .find(|named| named.code() == code)
+                .unwrap_or(Self::Other(code)),
         }
     }
 }
