@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::ops::Range;
 
 /// Length of an IPv4 header without options (IHL 5).
 pub const MIN_HEADER_LEN: usize = 20;
@@ -23,13 +24,18 @@ pub const ICMP_ERROR_TTL: u8 = 8;
 /// IP protocol number of ICMP.
 pub const IPPROTO_ICMP: u8 = 1;
 
-const TOTAL_LEN_OFF: usize = 2;
-const FRAG_OFF: usize = 6;
-const TTL_OFF: usize = 8;
-const PROTOCOL_OFF: usize = 9;
-const CHECKSUM_OFF: usize = 10;
-const SRC_OFF: usize = 12;
-const DST_OFF: usize = 16;
+// IPv4 header fields, as byte offsets (the offload code uses them too).
+pub(crate) const TOS_OFF: usize = 1;
+pub(crate) const TOTAL_LEN_OFF: usize = 2;
+pub(crate) const ID_OFF: usize = 4;
+pub(crate) const FRAG_OFF: usize = 6;
+pub(crate) const TTL_OFF: usize = 8;
+pub(crate) const PROTOCOL_OFF: usize = 9;
+pub(crate) const CHECKSUM_OFF: usize = 10;
+pub(crate) const SRC_OFF: usize = 12;
+pub(crate) const DST_OFF: usize = 16;
+/// The source and destination addresses, together.
+pub(crate) const ADDRS_RANGE: Range<usize> = SRC_OFF..DST_OFF + 4;
 /// The fragment offset bits of the flags/fragment word.
 const FRAG_OFFSET_MASK: u16 = 0x1fff;
 /// Don't Fragment, in the flags/fragment word.
@@ -239,7 +245,7 @@ pub fn icmp_net_unreachable(offending: &[u8], src: Ipv4Addr, out: &mut [u8]) -> 
 
     *ip = [0; MIN_HEADER_LEN];
     ip[0] = 0x45;
-    ip[1] = TOS_INTERNETWORK_CONTROL;
+    ip[TOS_OFF] = TOS_INTERNETWORK_CONTROL;
     put16(ip, TOTAL_LEN_OFF, total_len_field);
     put16(ip, FRAG_OFF, FLAG_DF);
     ip[TTL_OFF] = ICMP_ERROR_TTL;
@@ -358,7 +364,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// The 8-bytes-at-a-time sum folds to what a word-by-word sum folds to.
+    /// The vectorizable sum folds to what a word-by-word sum folds to.
     #[test]
     fn fast_sum_equals_word_by_word() {
         let reference = |data: &[u8]| {

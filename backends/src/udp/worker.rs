@@ -188,8 +188,6 @@ impl Worker {
             &mut self.send,
             &self.socket,
             messages,
-            self.out.len(),
-            |_| 1,
             &self.shared.counters,
         )
     }
@@ -226,27 +224,14 @@ impl Worker {
             match offload::from_tun(read, &mut self.headers) {
                 Ok(TunPacket::InPlace(range)) => {
                     let message = (iter::once(&read[range]), peer, None);
-                    let messages = iter::once(message);
-                    send_all(&mut self.send, &self.socket, messages, 1, |_| 1, &counters)?;
+                    send_all(&mut self.send, &self.socket, iter::once(message), &counters)?;
                 }
                 Ok(TunPacket::Segments(segments)) => {
                     let (headers, read) = (&self.headers[..], &*read);
                     let messages = segments
                         .batches(UDP_MAX_SEGMENTS)
                         .map(|(run, gso)| (segments.parts(run, headers, read), peer, gso));
-                    let count = segments.batches(UDP_MAX_SEGMENTS).count();
-                    let packets = |i| {
-                        let run = segments.batches(UDP_MAX_SEGMENTS).nth(i);
-                        run.map_or(0, |(run, _)| u64::try_from(run.len()).unwrap_or(0))
-                    };
-                    send_all(
-                        &mut self.send,
-                        &self.socket,
-                        messages,
-                        count,
-                        packets,
-                        &counters,
-                    )?;
+                    send_all(&mut self.send, &self.socket, messages, &counters)?;
                 }
                 Err(reason) => counters.count_drop(reason),
             }
@@ -347,27 +332,30 @@ fn answer_unreachable(
     }
 }
 
-/// Sends `count` messages with `sendmmsg`, resuming after partial sends,
-/// waiting once for room when the socket buffer is full, and skipping a
-/// message the kernel refuses; counts the packets sent and dropped
-/// (message `i` carries `packets(i)` of them: a GSO send carries several).
+/// Sends `messages` with `sendmmsg`, resuming after partial sends, waiting
+/// once for room when the socket buffer is full, and skipping a message the
+/// kernel refuses; counts the packets sent and dropped ([`datagrams`] per
+/// message: a GSO send carries several).
 fn send_all<'a, P>(
     batch: &mut SendBatch,
     socket: &UdpSocket,
     messages: impl Iterator<Item = (P, SocketAddrV4, Option<u16>)> + Clone,
-    count: usize,
-    packets: impl Fn(usize) -> u64,
     counters: &Counters,
 ) -> io::Result<()>
 where
     P: IntoIterator<Item = &'a [u8]>,
 {
+    let count = messages.clone().count();
+    let packets = |from: usize, n: usize| -> u64 {
+        let run = messages.clone().skip(from).take(n);
+        run.map(|(parts, _, gso)| datagrams(parts, gso)).sum()
+    };
     let (mut done, mut sent) = (0, 0);
     while done < count {
         match batch.send_parts(socket, messages.clone().skip(done)) {
             Ok(0) => break,
             Ok(n) => {
-                sent += (done..done + n).map(&packets).sum::<u64>();
+                sent += packets(done, n);
                 done += n;
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -378,17 +366,29 @@ where
             Err(e) => {
                 // This message alone failed (EMSGSIZE, ...): skip it.
                 debug!(error = %e, "sendmmsg refused a packet");
-                counters.count_drops(DropReason::SendFailed, packets(done));
+                counters.count_drops(DropReason::SendFailed, packets(done, 1));
                 done += 1;
             }
         }
     }
     counters.sent.fetch_add(sent, Ordering::Relaxed);
-    let unsent: u64 = (done..count).map(&packets).sum();
+    let unsent = packets(done, count - done);
     if unsent > 0 {
         counters.count_drops(DropReason::SendFailed, unsent);
     }
     Ok(())
+}
+
+/// How many datagrams a message puts on the wire: one, or with a GSO
+/// segment size its bytes cut at that size.
+fn datagrams<'a>(parts: impl IntoIterator<Item = &'a [u8]>, gso: Option<u16>) -> u64 {
+    match gso.map(usize::from) {
+        None | Some(0) => 1,
+        Some(size) => {
+            let len: usize = parts.into_iter().map(<[u8]>::len).sum();
+            u64::try_from(len.div_ceil(size)).unwrap_or(u64::MAX)
+        }
+    }
 }
 
 /// Errors after which a worker cannot go on: its TUN queue was detached
@@ -399,3 +399,27 @@ fn is_fatal(e: &io::Error) -> bool {
 
 /// EBADFD: the TUN device was deleted under its queue.
 const EBADFD: i32 = 77;
+
+#[cfg(test)]
+mod tests {
+    use super::datagrams;
+
+    #[test]
+    fn a_message_counts_the_datagrams_it_puts_on_the_wire() {
+        let (header, payload) = ([0u8; 40], [0u8; 1160]);
+        // Three segments of 1200 bytes and a last one of 40.
+        let parts = [
+            &header[..],
+            &payload,
+            &header,
+            &payload,
+            &header,
+            &payload,
+            &header,
+        ];
+        assert_eq!(datagrams(parts, Some(1200)), 4);
+        assert_eq!(datagrams(parts, None), 1);
+        assert_eq!(datagrams([&payload[..]], Some(1160)), 1);
+        assert_eq!(datagrams([&payload[..]], Some(0)), 1);
+    }
+}

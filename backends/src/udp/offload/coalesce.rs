@@ -6,12 +6,14 @@ use std::io::IoSlice;
 use std::ops::Range;
 
 use super::{
-    IP_ADDRS, IP_CHECKSUM, IP_DF_BYTE, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOS, IP_TOTAL_LEN, IP_TTL,
-    IPPROTO_TCP, MAX_PACKET, TCP_CHECKSUM_OFF, TCP_CWR, TCP_DATA_OFF, TCP_FIN, TCP_FLAGS,
-    TCP_MIN_HEADER_LEN, TCP_PSH, TCP_RST, TCP_SEQ, TCP_SYN, TCP_URG, VNET_HDR_NONE, VnetHdr, be16,
-    be32, l4_valid, put16,
+    IP_DF_BYTE, IP_MF_OFFSET, IPPROTO_TCP, MAX_PACKET, TCP_CHECKSUM_OFF, TCP_CWR, TCP_DATA_OFF,
+    TCP_FIN, TCP_FLAGS, TCP_MIN_HEADER_LEN, TCP_PSH, TCP_RST, TCP_SEQ, TCP_SYN, TCP_URG,
+    VNET_HDR_NONE, VnetHdr, be16, be32, l4_valid, put16,
 };
-use crate::udp::packet::{self, MIN_HEADER_LEN, fold, ones_complement_sum};
+use crate::udp::packet::{
+    self, ADDRS_RANGE, CHECKSUM_OFF, FRAG_OFF, ID_OFF, MIN_HEADER_LEN, TOS_OFF, TOTAL_LEN_OFF,
+    TTL_OFF, fold, ones_complement_sum,
+};
 use crate::udp::sys::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VNET_HDR_LEN};
 
 /// The most segments one super-packet merges (one `iovec` each, on the
@@ -100,14 +102,12 @@ pub struct Coalescer {
     /// The payload of every segment, in order.
     payloads: Vec<PacketAt>,
     pending: Option<Pending>,
-    merged: u64,
 }
 
 impl std::fmt::Debug for Coalescer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Coalescer")
             .field("pending", &self.pending)
-            .field("merged", &self.merged)
             .finish()
     }
 }
@@ -129,14 +129,7 @@ impl Coalescer {
             },
             payloads: Vec::with_capacity(MAX_MERGED_SEGMENTS),
             pending: None,
-            merged: 0,
         }
-    }
-
-    /// How many segments were appended to an earlier one so far (a counter
-    /// for metrics: packets the kernel did not have to take one by one).
-    pub fn merged(&self) -> u64 {
-        self.merged
     }
 
     /// Whether a super-packet (or a lone TCP segment) is waiting for
@@ -209,14 +202,14 @@ impl Coalescer {
         };
         // p.total <= MAX_PACKET, checked on every append.
         let total = u16::try_from(p.total).unwrap_or(u16::MAX);
-        put16(headers, IP_TOTAL_LEN, total);
-        put16(headers, IP_CHECKSUM, 0);
+        put16(headers, TOTAL_LEN_OFF, total);
+        put16(headers, CHECKSUM_OFF, 0);
         let ip_sum = packet::internet_checksum(headers.get(..MIN_HEADER_LEN).unwrap_or(&[]));
-        put16(headers, IP_CHECKSUM, ip_sum);
+        put16(headers, CHECKSUM_OFF, ip_sum);
         // The pseudo-header sum, not complemented: the kernel adds the rest.
         let tcp_len = u64::from(total) - 20;
         let pseudo = fold(
-            ones_complement_sum(headers.get(IP_ADDRS).unwrap_or(&[]))
+            ones_complement_sum(headers.get(ADDRS_RANGE).unwrap_or(&[]))
                 + u64::from(IPPROTO_TCP)
                 + tcp_len,
         );
@@ -288,10 +281,10 @@ impl Coalescer {
         let (fi, ft) = first.split_at(MIN_HEADER_LEN);
         let (ti, tt) = this.split_at(MIN_HEADER_LEN);
         // IPv4: TOS, DF, TTL, protocol, addresses (ID checked above).
-        fi[IP_TOS] == ti[IP_TOS]
-            && fi[IP_FRAG] & IP_DF_BYTE == ti[IP_FRAG] & IP_DF_BYTE
-            && fi[IP_TTL..IP_TTL + 2] == ti[IP_TTL..IP_TTL + 2]
-            && fi[IP_ADDRS] == ti[IP_ADDRS]
+        fi[TOS_OFF] == ti[TOS_OFF]
+            && fi[FRAG_OFF] & IP_DF_BYTE == ti[FRAG_OFF] & IP_DF_BYTE
+            && fi[TTL_OFF..TTL_OFF + 2] == ti[TTL_OFF..TTL_OFF + 2]
+            && fi[ADDRS_RANGE] == ti[ADDRS_RANGE]
             // TCP: ports; ack; data offset; flags but PSH; window; urgent
             // pointer; options (sequence number and checksum differ).
             && ft[..TCP_SEQ] == tt[..TCP_SEQ]
@@ -321,7 +314,6 @@ impl Coalescer {
         p.next_id = seg.id.wrapping_add(1);
         p.closed = seg.psh || seg.payload < p.gso_size || p.segments == MAX_MERGED_SEGMENTS;
         self.pending = Some(p);
-        self.merged += 1;
     }
 }
 
@@ -332,7 +324,7 @@ fn candidate(packet: &[u8]) -> Option<Segment> {
     let info = packet::parse(packet).ok()?;
     if info.header_len != MIN_HEADER_LEN
         || info.protocol != IPPROTO_TCP
-        || be16(packet, IP_FRAG)? & IP_MF_OFFSET != 0
+        || be16(packet, FRAG_OFF)? & IP_MF_OFFSET != 0
     {
         return None;
     }
@@ -354,20 +346,9 @@ fn candidate(packet: &[u8]) -> Option<Segment> {
         tcp_hl,
         payload: info.total_len - hl,
         seq: be32(packet, MIN_HEADER_LEN + TCP_SEQ)?,
-        id: be16(packet, IP_ID)?,
+        id: be16(packet, ID_OFF)?,
         psh: flags & TCP_PSH != 0,
     })
-}
-
-/// Splits a received message into its datagrams: `gro_segment` bytes each
-/// (the last may be shorter), or one datagram when it is `None` or 0.
-pub fn gro_datagrams(message: &[u8], gro_segment: Option<u16>) -> std::slice::Chunks<'_, u8> {
-    let size = gro_segment
-        .map(usize::from)
-        .filter(|&s| s > 0)
-        .unwrap_or(message.len())
-        .max(1);
-    message.chunks(size)
 }
 
 #[cfg(test)]
@@ -559,16 +540,6 @@ mod tests {
         assert_eq!(count(&v), vec![64, 6]);
         let v = flow(70, 1100, &t);
         assert_eq!(count(&v), vec![59, 11]);
-    }
-
-    #[test]
-    fn gro_datagrams_cut_messages() {
-        let msg = pattern(2500, 0);
-        let lens: Vec<usize> = gro_datagrams(&msg, Some(1000)).map(<[u8]>::len).collect();
-        assert_eq!(lens, [1000, 1000, 500]);
-        assert_eq!(gro_datagrams(&msg, None).count(), 1);
-        assert_eq!(gro_datagrams(&msg, Some(0)).count(), 1);
-        assert_eq!(gro_datagrams(&[], None).count(), 0);
     }
 
     fn arb_flags() -> impl Strategy<Value = u8> {

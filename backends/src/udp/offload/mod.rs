@@ -49,12 +49,10 @@
 mod coalesce;
 mod split;
 
-use std::ops::Range;
-
-use crate::udp::packet::{fold, ones_complement_sum};
+use crate::udp::packet::{ADDRS_RANGE, fold, ones_complement_sum};
 use crate::udp::sys::{VIRTIO_NET_HDR_F_NEEDS_CSUM, VNET_HDR_LEN};
 
-pub use self::coalesce::{Coalescer, MAX_MERGED_SEGMENTS, PacketAt, gro_datagrams};
+pub use self::coalesce::{Coalescer, MAX_MERGED_SEGMENTS, PacketAt};
 pub use self::split::{GsoBatches, GsoSegments, TunPacket, complete_checksum, from_tun};
 
 /// The largest IPv4 packet (the total length field is 16 bits).
@@ -85,13 +83,6 @@ const UDP_HEADER_LEN: usize = 8;
 const TCP_CHECKSUM_OFF: usize = 16;
 const UDP_CHECKSUM_OFF: usize = 6;
 
-const IP_TOS: usize = 1;
-const IP_TOTAL_LEN: usize = 2;
-const IP_ID: usize = 4;
-const IP_FRAG: usize = 6;
-const IP_TTL: usize = 8;
-const IP_CHECKSUM: usize = 10;
-const IP_ADDRS: Range<usize> = 12..20;
 /// MF and the fragment offset, in the flags/fragment word.
 const IP_MF_OFFSET: u16 = 0x3fff;
 /// DF, in the first byte of the flags/fragment word.
@@ -180,7 +171,7 @@ fn finish(sum: u64) -> u16 {
 /// valid checksum it folds to 0xffff ([`l4_valid`]).
 fn l4_sum(packet: &[u8], ip_hl: usize, proto: u8) -> u64 {
     let l4 = packet.get(ip_hl..).unwrap_or(&[]);
-    ones_complement_sum(packet.get(IP_ADDRS).unwrap_or(&[]))
+    ones_complement_sum(packet.get(ADDRS_RANGE).unwrap_or(&[]))
         + u64::from(proto)
         + u64::try_from(l4.len()).unwrap_or(0)
         + ones_complement_sum(l4)

@@ -5,12 +5,14 @@
 use std::ops::Range;
 
 use super::{
-    IP_ADDRS, IP_CHECKSUM, IP_FRAG, IP_ID, IP_MF_OFFSET, IP_TOTAL_LEN, IPPROTO_TCP, IPPROTO_UDP,
-    MAX_UDP_PAYLOAD, TCP_CHECKSUM_OFF, TCP_CWR, TCP_DATA_OFF, TCP_FIN, TCP_FLAGS,
-    TCP_MIN_HEADER_LEN, TCP_PSH, TCP_SEQ, UDP_CHECKSUM_OFF, UDP_HEADER_LEN, UDP_LEN, VnetHdr, be16,
-    be32, finish, put16, put32,
+    IP_MF_OFFSET, IPPROTO_TCP, IPPROTO_UDP, MAX_UDP_PAYLOAD, TCP_CHECKSUM_OFF, TCP_CWR,
+    TCP_DATA_OFF, TCP_FIN, TCP_FLAGS, TCP_MIN_HEADER_LEN, TCP_PSH, TCP_SEQ, UDP_CHECKSUM_OFF,
+    UDP_HEADER_LEN, UDP_LEN, VnetHdr, be16, be32, finish, put16, put32,
 };
-use crate::udp::packet::{self, DropReason, ones_complement_sum};
+use crate::udp::packet::{
+    self, ADDRS_RANGE, CHECKSUM_OFF, DropReason, FRAG_OFF, ID_OFF, TOTAL_LEN_OFF,
+    ones_complement_sum,
+};
 use crate::udp::sys::{
     UDP_MAX_SEGMENTS, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_UDP_L4, VNET_HDR_LEN,
@@ -218,7 +220,7 @@ fn check_super(packet: &[u8], hdr: &VnetHdr) -> Result<Super, DropReason> {
         // packet's protocol.
         _ => return Err(DropReason::BadHeaderLength),
     };
-    if hdr.gso_size == 0 || be16(packet, IP_FRAG).unwrap_or(0) & IP_MF_OFFSET != 0 {
+    if hdr.gso_size == 0 || be16(packet, FRAG_OFF).unwrap_or(0) & IP_MF_OFFSET != 0 {
         return Err(DropReason::BadHeaderLength);
     }
     let l4_hl = if tcp {
@@ -258,7 +260,7 @@ fn split_headers(buf: &[u8], hdr: &VnetHdr, headers: &mut [u8]) -> Result<GsoSeg
     let headers = headers
         .get_mut(..count * sp.hl)
         .ok_or(DropReason::Oversize)?;
-    let id = be16(template, IP_ID).unwrap_or(0);
+    let id = be16(template, ID_OFF).unwrap_or(0);
     let seq = be32(template, sp.ip_hl + TCP_SEQ).unwrap_or(0);
     let flags = template.get(sp.ip_hl + TCP_FLAGS).copied().unwrap_or(0);
     let (proto, checksum_at) = if sp.tcp {
@@ -267,7 +269,8 @@ fn split_headers(buf: &[u8], hdr: &VnetHdr, headers: &mut [u8]) -> Result<GsoSeg
         (IPPROTO_UDP, sp.ip_hl + UDP_CHECKSUM_OFF)
     };
     // The part of every L4 checksum that no segment changes.
-    let addresses = ones_complement_sum(template.get(IP_ADDRS).unwrap_or(&[])) + u64::from(proto);
+    let addresses =
+        ones_complement_sum(template.get(ADDRS_RANGE).unwrap_or(&[])) + u64::from(proto);
 
     for (i, (seg, chunk)) in headers
         .chunks_exact_mut(sp.hl)
@@ -282,11 +285,11 @@ fn split_headers(buf: &[u8], hdr: &VnetHdr, headers: &mut [u8]) -> Result<GsoSeg
         // Both fit 16 bits: hl + chunk <= total <= 65535, i < 65535.
         let ip_len = u16::try_from(sp.hl + chunk.len()).map_err(|_| DropReason::BadTotalLength)?;
         let index = u16::try_from(i).map_err(|_| DropReason::BadTotalLength)?;
-        put16(seg, IP_TOTAL_LEN, ip_len);
-        put16(seg, IP_ID, id.wrapping_add(index));
-        put16(seg, IP_CHECKSUM, 0);
+        put16(seg, TOTAL_LEN_OFF, ip_len);
+        put16(seg, ID_OFF, id.wrapping_add(index));
+        put16(seg, CHECKSUM_OFF, 0);
         let ip_sum = packet::internet_checksum(seg.get(..sp.ip_hl).unwrap_or(&[]));
-        put16(seg, IP_CHECKSUM, ip_sum);
+        put16(seg, CHECKSUM_OFF, ip_sum);
 
         let l4_len = sp.hl - sp.ip_hl + chunk.len();
         if sp.tcp {
