@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use netns_tests::{
-    Cluster, ClusterSpec, Node, SUBNET_ENV_TIMEOUT, ip, require_root, run, unique_prefix,
+    Cluster, ClusterSpec, Node, SUBNET_ENV_TIMEOUT, ip, netns_exec, require_root, run,
+    unique_prefix,
 };
 use serde_json::{Value, json};
 
@@ -732,15 +733,9 @@ fn chained_with_tuning_and_portmap() {
     .to_string();
     let addr = fx.add(&conflist, "1.0.0", &c, &["--cap-args".into(), cap]);
 
-    let sysctl = run(
-        Command::new("ip").args([
-            "netns",
-            "exec",
-            &c.netns,
-            "sysctl",
-            "-n",
-            "net.ipv4.conf.eth0.arp_filter",
-        ]),
+    let sysctl = netns_exec(
+        &c.netns,
+        ["sysctl", "-n", "net.ipv4.conf.eth0.arp_filter"],
         CMD_TIMEOUT,
     )
     .unwrap();

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use netns_tests::{Cluster, ClusterSpec, Container, Node, require_root, run, wait_for};
+use netns_tests::{Cluster, ClusterSpec, Container, Node, netns_exec, require_root, run, wait_for};
 
 const UDP_CONFIG: &str = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#;
 
@@ -201,18 +201,16 @@ fn a_spoofed_datagram_from_a_non_peer_is_dropped() {
         .spawn()
         .unwrap();
     thread::sleep(Duration::from_millis(500));
-    let sent = run(
-        Command::new("ip").args([
-            "netns",
-            "exec",
-            &stranger,
+    let sent = netns_exec(
+        &stranger,
+        [
             "/usr/bin/python3",
             "-c",
             &format!(
                 "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\
                  .sendto(bytes.fromhex('{hex}'), ('{target}', 8285))"
             ),
-        ]),
+        ],
         Duration::from_secs(10),
     )
     .unwrap();
@@ -389,8 +387,9 @@ fn a_flannel_go_udp_node_talks_to_ours() {
          \x20   sys.exit(0)\n\
          sys.exit(1)\n"
     );
-    let out = run(
-        Command::new("ip").args(["netns", "exec", &go, "/usr/bin/python3", "-c", &script]),
+    let out = netns_exec(
+        &go,
+        ["/usr/bin/python3", "-c", &script],
         Duration::from_secs(40),
     )
     .unwrap();
@@ -509,15 +508,9 @@ fn a_udp_gso_train_arrives_as_its_datagrams() {
          s.sendto(b''.join(bytes([i]) * 1200 for i in range(10)), ('{}', 7000))\n",
         b.ip()
     );
-    let sent = run(
-        Command::new("ip").args([
-            "netns",
-            "exec",
-            a.netns(),
-            "/usr/bin/python3",
-            "-c",
-            &sender,
-        ]),
+    let sent = netns_exec(
+        a.netns(),
+        ["/usr/bin/python3", "-c", &sender],
         Duration::from_secs(20),
     )
     .unwrap();
